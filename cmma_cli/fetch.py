@@ -90,6 +90,8 @@ def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force
 
     start = time.perf_counter()
     partial_dir = ws.raw / ".partial"
+    if force:  # --force means fetch everything again, not continue an interrupted fetch
+        shutil.rmtree(partial_dir, ignore_errors=True)
     raw = _load(cfg, api_key, partial_dir)
     if cfg.source != "mp":  # the Materials Project applies its filters on the server
         raw = apply_filters(raw, cfg)

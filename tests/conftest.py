@@ -29,3 +29,21 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def mp_content(shared_data):
+    """What the loopback Materials Project serves: 200 mp20 materials, their recipes, robocrys texts (built once)."""
+    from mp_server import build_content
+
+    return build_content(200)
+
+
+@pytest.fixture
+def mp_server(mp_content):
+    """A fresh loopback Materials Project API (own request log and failure switches) on 127.0.0.1."""
+    from mp_server import LoopbackMP
+
+    server = LoopbackMP(mp_content).start()
+    yield server
+    server.stop()
