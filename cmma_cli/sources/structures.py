@@ -47,12 +47,14 @@ def material_record(material_id: str, structure: Structure, source: str, **prope
     }
     if _missing(properties.get("spacegroup_number")) or _missing(properties.get("crystal_system")):
         try:
-            sga = SpacegroupAnalyzer(structure, symprec=SYMPREC)
-            symmetry = {
-                "spacegroup_number": sga.get_space_group_number(),
-                "spacegroup_symbol": sga.get_space_group_symbol(),
-                "crystal_system": sga.get_crystal_system(),
-            }
+            with warnings.catch_warnings():  # spglib's deprecation notices, once per call
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sga = SpacegroupAnalyzer(structure, symprec=SYMPREC)
+                symmetry = {
+                    "spacegroup_number": sga.get_space_group_number(),
+                    "spacegroup_symbol": sga.get_space_group_symbol(),
+                    "crystal_system": sga.get_crystal_system(),
+                }
         except Exception:  # spglib fails on a few pathological cells: symmetry stays null
             symmetry = {}
         for key, value in symmetry.items():
