@@ -14,7 +14,9 @@ import typer
 
 from cmma_cli import __version__
 from cmma_cli.console import console
+from cmma_cli.config import EmbedConfig, EvaluateConfig, PreprocessConfig, RetrieveConfig, TrainConfig
 from cmma_cli.errors import CMMAError
+from cmma_cli.options import with_config
 
 app = typer.Typer(
     name="cmma",
@@ -144,11 +146,19 @@ def _not_yet(stage: str, issue_hint: str) -> None:
     raise CMMAError(f"`cmma {stage}` is not available yet in cmma {__version__}: {issue_hint}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_friendly
-def preprocess() -> None:
-    """(Not available yet) Build crystal graphs, clean synthesis text, compute XRD patterns and make splits."""
-    _not_yet("preprocess", "only `cmma fetch` works so far.")
+@with_config(PreprocessConfig, "preprocess")
+def preprocess(force: ForceOpt = False, workspace: WorkspaceOpt = None, *, cfg: PreprocessConfig) -> None:
+    """Turn [bold]raw/[/] into [bold]processed/[/]: crystal graphs, clean synthesis texts, XRD patterns and
+    train/val/test splits grouped by composition.
+
+    Example: cmma preprocess --cutoff 6 --two-theta-step 0.1 --xrd-dir measured_patterns/
+    """
+    from cmma_cli.preprocess.pipeline import run_preprocess
+    from cmma_cli.workspace import Workspace
+
+    run_preprocess(Workspace.resolve(workspace), cfg, force=force)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -75,5 +75,99 @@ class PreprocessConfig:
     val_fraction: float = 0.1  # share of materials in the validation split
     test_fraction: float = 0.1  # share of materials in the test split
     seed: int = 0  # seed of the split assignment
-    workers: int | None = None  # worker processes (None: all cores); does not change the output
+    workers: int | None = None  # worker processes (None: all cores, 1 per 200 materials at most); same output
     chunk_size: int = 1024  # materials read, featurized and written per step; does not change the output
+
+
+@dataclass
+class TrainConfig:
+    """``cmma train``: which modalities to align, the model's sizes and the optimisation."""
+
+    modalities: list[str] = field(default_factory=lambda: ["structure", "text", "xrd"])  # structure|text|xrd|image
+    pairs: str = "all"  # modality pairs in the loss: all | anchor:<modality> | a-b,c-d
+    in_modality_negatives: bool = False  # also contrast against other samples of the anchor's own modality
+    epochs: int = 30
+    batch_size: int = 128  # materials per process and step (negatives grow with the number of processes)
+    lr: float = 1e-3  # peak AdamW learning rate (encoders other than text, heads, temperature)
+    weight_decay: float = 0.2  # AdamW weight decay as in CLIP (matrices only: not biases, norms, the temperature)
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    modality_dropout: float = 0.0  # drop a present modality from a training sample with this probability
+    embed_dim: int = 256  # dimension d of the shared embedding space
+    proj_hidden: int = 512  # hidden width of the projection heads
+    temperature: float = 0.07  # initial softmax temperature (logit scale 1/0.07, learnt, capped at 100)
+    learn_temperature: bool = True
+    structure_encoder: str = "schnet"  # schnet | cgcnn | painn
+    structure_hidden: int = 128
+    structure_layers: int = 3
+    num_rbf: int = 50  # Gaussian radial basis functions of the edge distances
+    pooling: str = "mean"  # atoms -> material: mean | sum
+    text_model: str = "all-MiniLM-L6-v2"  # the offline built-in, a Hugging Face id or a local folder
+    text_tune: str = "frozen"  # frozen (embeddings cached) | full | top:K (fine-tune the top K layers)
+    text_lr: float = 2e-5  # learning rate of the text model when it is fine-tuned
+    text_max_length: int = 256  # tokens per text (longer texts are truncated)
+    text_sources: list[str] = field(default_factory=lambda: ["description", "synthesis"])
+    xrd_channels: int = 32  # width of the first XRD convolution (doubles twice)
+    xrd_out_dim: int = 256
+    xrd_augment: bool = True  # shift (up to 0.15 deg) and modulate training patterns as measurements differ
+    image_model: str = "resnet18"  # any timm model name (image modality only)
+    image_pretrained: bool = True  # start from timm's pretrained weights where they can be downloaded
+    image_size: int = 224
+    best_metric: str = "val_loss"  # what picks best.pt: val_loss (lowest) | val_r1 (highest)
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    workers: int | None = None  # data-loader processes per rank (None: 4 on GPU, 0 on CPU); does not change results
+
+
+@dataclass
+class EmbedConfig:
+    """``cmma embed``: which trained run and checkpoint embed the processed materials, and the index kind."""
+
+    run: str | None = None  # the run to embed with (None: the newest finished run)
+    checkpoint: str = "best"  # best | last | a .pt file
+    index: str = "flat"  # flat (exact inner product) | ivf (approximate, for millions of materials)
+    nlist: int | None = None  # IVF cells (None: about 4 sqrt(n), at least 39 vectors per cell)
+    nprobe: int = 16  # IVF cells searched per query
+    batch_size: int = 256  # materials per forward pass; does not change the output
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda[:N]; does not change the output
+    workers: int | None = None  # collate processes (None: 4 on GPU, 0 on CPU); does not change the output
+
+
+@dataclass
+class RetrieveConfig:
+    """``cmma retrieve``: which embeddings to search, from which modality into which index, how many hits."""
+
+    run: str | None = None  # search the embeddings of this run (None: the newest)
+    source: str | None = None  # --from: text | structure | xrd | image | unified (None: what the query is)
+    target: str | None = None  # --to: structure | text | xrd | image | synthesis | unified (None: structure, else unified)
+    k: int = 10  # results to return
+    filters: list[str] = field(default_factory=list)  # property filters, e.g. "band_gap>1", "crystal_system==cubic"
+    device: str = "cpu"  # where query encoders run (one query: the CPU is as fast as a GPU)
+
+
+@dataclass
+class EvaluateConfig:
+    """``cmma evaluate``: which run's embeddings to judge, which sections to run, and their settings."""
+
+    run: str | None = None  # the embedded run to evaluate (None: the newest run with embeddings)
+    sections: list[str] = field(default_factory=lambda: ["probes", "retrieval", "synthesis", "latent", "baselines", "explain"])
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # K of Recall@K
+    hull_threshold: float = 0.0  # stable when energy_above_hull <= this (eV/atom), where is_stable is absent
+    gap_threshold: float = 0.0  # metal when band_gap <= this (eV), where is_metal is absent
+    probe_hidden: int = 128  # hidden width of the MLP probes
+    min_train: int = 10  # a probe needs at least this many train rows with the target...
+    min_test: int = 5  # ...and this many test rows
+    maps: list[str] = field(default_factory=lambda: ["umap", "tsne"])  # 2-D maps of the unified space: umap | tsne
+    purity_k: int = 10  # neighbours in the neighbourhood-purity score
+    interpolation_steps: int = 7  # points on the path between two materials' embeddings
+    baseline_epochs: int = 40  # epochs of each supervised baseline model
+    baseline_batch_size: int = 64
+    baseline_lr: float = 1e-3
+    baseline_properties: list[str] = field(default_factory=list)  # properties the baselines train on (empty: all probed)
+    explain_examples: int = 3  # test materials explained in the report
+    xrd_region: float = 5.0  # width (degrees 2-theta) of the XRD attribution regions
+    ablation_epochs: int | None = None  # epochs of each ablation training run (None: the evaluated run's)
+    ablation_dims: list[int] = field(default_factory=lambda: [32, 128, 256])  # latent dimensions of --ablation dim
+    seed: int = 0
+    device: str = "auto"  # where baselines train and explanations run: auto | cpu | cuda[:N]

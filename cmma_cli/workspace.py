@@ -34,6 +34,8 @@ from cmma_cli.errors import CMMAError
 #: Bumped whenever an artifact's layout changes in a way older readers cannot follow.
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
+#: Rows per Parquet row group: later stages stream tables a row group at a time, so memory stays flat.
+ROW_GROUP_SIZE = 2048
 ENV_VAR = "CMMA_WORKSPACE"
 
 #: Which command makes each stage, for the "run X first" sentences.
@@ -95,7 +97,7 @@ def write_table(df: pd.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
     os.replace(tmp, path)
     return path
 
