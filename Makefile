@@ -21,6 +21,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/cmma fetch -w $(WS)
+	$(BIN)/cmma preprocess -w $(WS)
 
 test: $(VENV)/.installed
 	$(BIN)/pytest -q

@@ -161,18 +161,39 @@ def preprocess(force: ForceOpt = False, workspace: WorkspaceOpt = None, *, cfg: 
     run_preprocess(Workspace.resolve(workspace), cfg, force=force)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_friendly
-def train() -> None:
-    """(Not available yet) Train the modality encoders with a contrastive loss."""
-    _not_yet("train", "only `cmma fetch` works so far.")
+@with_config(TrainConfig, "train")
+def train(
+    run: Annotated[Optional[str], typer.Option(help="Run name: runs/<run>/ (default: a timestamp; with --resume "
+                                                    "latest, the newest run).", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'latest' or a checkpoint file.",
+                                                  show_default=False)] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Ranks on this machine: N GPUs with DDP (N CPU processes on "
+                                                     "gloo when there is no GPU); 0 forces the CPU (default: one "
+                                                     "GPU if present, else the CPU).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the run over, deleting its checkpoints and metrics.")] = False,
+    workspace: WorkspaceOpt = None,
+    *,
+    cfg: TrainConfig,
+) -> None:
+    """Train the modality encoders on [bold]processed/[/] with a CLIP-style contrastive loss into
+    [bold]runs/<run>/[/] (checkpoints, metrics.csv, TensorBoard events).
 
+    Examples:
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@_friendly
-def embed() -> None:
-    """(Not available yet) Export embeddings and build search indexes."""
-    _not_yet("embed", "only `cmma fetch` works so far.")
+      cmma train --epochs 30 --run first
+
+      cmma train --modalities structure,text --pairs anchor:structure --embed-dim 128
+
+      cmma train --gpus 4                       # DDP on 4 GPUs (several machines: torchrun -m cmma_cli train)
+
+      cmma train --resume latest
+    """
+    from cmma_cli.train import run_train
+    from cmma_cli.workspace import Workspace
+
+    run_train(Workspace.resolve(workspace), cfg, run=run, resume=resume, gpus=gpus, force=force)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -182,8 +203,106 @@ def evaluate() -> None:
     _not_yet("evaluate", "only `cmma fetch` works so far.")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_friendly
-def retrieve() -> None:
-    """(Not available yet) Cross-modal search: find materials matching a text, structure or pattern."""
-    _not_yet("retrieve", "only `cmma fetch` works so far.")
+def embed(
+    run: Annotated[Optional[str], typer.Option(help="The trained run to embed with (default: the newest finished run).",
+                                               show_default=False)] = None,
+    checkpoint: Annotated[str, typer.Option(help="best | last | a .pt file.")] = "best",
+    inputs: Annotated[
+        Optional[list[Path]],
+        typer.Option("--input", "-i", help="Embed your own data instead of processed/ (repeatable): CIF files or "
+                                           "folders, a table with a CIF or text column, pattern files (.xy, .xye, "
+                                           ".dat), images, text or JSON files.", show_default=False),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for --input embeddings (default: "
+                                                     "embeddings/<run>/inputs/<name of the first input>/).",
+                                                show_default=False)] = None,
+    index: Annotated[str, typer.Option(help="flat (exact inner product) | ivf (approximate, for millions).")] = "flat",
+    nlist: Annotated[Optional[int], typer.Option(help="IVF cells (default: about 4 sqrt(n)).", min=1,
+                                                 show_default=False)] = None,
+    nprobe: Annotated[int, typer.Option(help="IVF cells searched per query.", min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(help="Materials per forward pass.", min=1)] = 256,
+    device: Annotated[str, typer.Option(help="auto (the GPU when there is one) | cpu | cuda[:N].")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Collate processes (default: 4 on GPU, 0 on CPU).", min=0,
+                                                   show_default=False)] = None,
+    force: ForceOpt = False,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Embed every processed material with a trained run into [bold]<workspace>/embeddings/<run>/[/]: one Parquet
+    table per modality, a unified table, and a FAISS index beside each.
+
+    Examples:
+
+      cmma embed                                   # newest run, best.pt
+
+      cmma embed --run big --checkpoint last --index ivf
+
+      cmma embed --input my_cifs/ --input recipes.json    # your own data, no retraining
+    """
+    from cmma_cli.config import EmbedConfig
+    from cmma_cli.workspace import Workspace
+
+    cfg = EmbedConfig(run=run, checkpoint=checkpoint, index=index, nlist=nlist, nprobe=nprobe, batch_size=batch_size,
+                      device=device, workers=workers)
+    ws = Workspace.resolve(workspace)
+    if inputs:
+        from cmma_cli.embed_inputs import embed_inputs
+
+        embed_inputs(ws, cfg, list(inputs), out=out)
+    else:
+        if out is not None:
+            raise CMMAError("--out only applies to --input: the processed materials always go to embeddings/<run>/.")
+        from cmma_cli.embed import run_embed
+
+        run_embed(ws, cfg, force=force)
+
+
+@app.command()
+@_friendly
+def retrieve(
+    query: Annotated[Optional[str], typer.Argument(help="A synthesis procedure or a structure description, in quotes.",
+                                                   show_default=False)] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="text | structure | xrd | image | unified "
+                                                                "(default: what the query is).", show_default=False)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="structure | text | xrd | image | synthesis | unified "
+                                                           "(default: structure).", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--top", help="How many results.", min=1)] = 10,
+    structure: Annotated[Optional[Path], typer.Option(help="Query with a CIF file.", show_default=False)] = None,
+    material: Annotated[Optional[str], typer.Option(help="Query with an embedded material's stored vector (--from "
+                                                         "picks which; default structure).", show_default=False)] = None,
+    pattern: Annotated[Optional[Path], typer.Option(help="Query with a measured XRD pattern (2-theta, intensity).",
+                                                    show_default=False)] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Query with an image (runs trained with images).",
+                                                  show_default=False)] = None,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="Property filter, repeatable: 'band_gap>1', "
+                                                                          "'crystal_system==cubic'.",
+                                                         show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")] = False,
+    run: Annotated[Optional[str], typer.Option(help="Search this run's embeddings (default: the newest).",
+                                               show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="Where the query encoder runs.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for encoding and search (default: one per "
+                                                        "core; 1 is fastest on a busy machine).", min=1,
+                                                   show_default=False)] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Cross-modal search: the materials whose structure (or other view) best matches a text, a CIF, a pattern or
+    an image.
+
+    Examples:
+
+      cmma retrieve "Solid-state synthesis from Li2CO3 and Co3O4 at 900 C" -k 5
+
+      cmma retrieve --structure LiFePO4.cif --to text --json
+
+      cmma retrieve --material mp-19017 --filter "band_gap>1"
+    """
+    from cmma_cli.config import RetrieveConfig
+    from cmma_cli.retrieve import Query, run_retrieve
+    from cmma_cli.workspace import Workspace
+
+    cfg = RetrieveConfig(run=run, source=from_, target=to, k=k, filters=list(filters or []), device=device,
+                         threads=threads)
+    q = Query(text=query, structure=structure, material=material, pattern=pattern, image=image)
+    run_retrieve(Workspace.resolve(workspace), q, cfg, as_json=as_json)

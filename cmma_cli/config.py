@@ -144,6 +144,7 @@ class RetrieveConfig:
     k: int = 10  # results to return
     filters: list[str] = field(default_factory=list)  # property filters, e.g. "band_gap>1", "crystal_system==cubic"
     device: str = "cpu"  # where query encoders run (one query: the CPU is as fast as a GPU)
+    threads: int | None = None  # CPU threads for encoding and search (None: torch's and faiss's defaults)
 
 
 @dataclass
@@ -170,4 +171,4 @@ class EvaluateConfig:
     ablation_epochs: int | None = None  # epochs of each ablation training run (None: the evaluated run's)
     ablation_dims: list[int] = field(default_factory=lambda: [32, 128, 256])  # latent dimensions of --ablation dim
     seed: int = 0
-    device: str = "auto"  # where baselines train and explanations run: auto | cpu | cuda[:N]
+    device: str = "auto"  # where supervised baselines train (and ablation runs embed): auto | cpu | cuda[:N]

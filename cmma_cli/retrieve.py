@@ -1,0 +1,478 @@
+"""``cmma retrieve``: cross-modal search in the embeddings of a trained run.
+
+A query is a text (a synthesis procedure or a description), a CIF, a measured XRD pattern, an image,
+or a material already embedded (its stored vector). It is encoded by the run's own encoder for its
+modality (``--from``) and searched, by cosine similarity, in one of the run's indexes (``--to``:
+structure by default, unified, or another modality's). Results carry the processed properties
+(formula, crystal system, band gap, formation energy, energy above hull) and may be filtered by them
+(``--filter "band_gap>1"``).
+
+:class:`Retriever` loads the indexes and the model once, so a program (or the benchmark) can ask many
+queries; ``cmma retrieve`` asks one. Timings are kept apart: loading, encoding the query, searching.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import operator
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from cmma_cli.config import RetrieveConfig
+from cmma_cli.errors import CMMAError
+from cmma_cli.console import console
+from cmma_cli.workspace import MANIFEST, Workspace, manifest_hash, read_manifest, require_stage
+
+#: The tables a query can be searched against.
+TARGETS = ("structure", "text", "xrd", "image", "synthesis", "unified")
+#: What each kind of query can be encoded as (first: the default).
+SOURCES = {
+    "text": ("text",),
+    "structure": ("structure", "xrd"),  # a CIF's computed pattern goes through the XRD encoder
+    "pattern": ("xrd",),
+    "image": ("image",),
+    "material": ("structure", "text", "xrd", "image", "unified"),
+}
+#: The processed properties shown with every result (where the data has them).
+KEY_PROPERTIES = ("formula", "crystal_system", "spacegroup_symbol", "band_gap", "formation_energy_per_atom",
+                  "energy_above_hull")
+_OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq, "=": operator.eq,
+        ">": operator.gt, "<": operator.lt}
+_FILTER = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
+
+
+@dataclass
+class Query:
+    """One query: exactly one of a text, a CIF file, a material id, a pattern file or an image file."""
+
+    text: str | None = None
+    structure: Path | None = None
+    material: str | None = None
+    pattern: Path | None = None
+    image: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        given = [k for k in ("text", "structure", "material", "pattern", "image") if getattr(self, k) not in (None, "")]
+        if not given:
+            raise CMMAError('Nothing to search for: give a text query in quotes, or --structure FILE.cif, '
+                            '--material ID, --pattern FILE.xy or --image FILE.png.')
+        if len(given) > 1:
+            raise CMMAError(f"Give one query at a time, not {' and '.join(given)}.")
+        return given[0]
+
+    def describe(self) -> dict[str, Any]:
+        """The query as JSON: its kind and value."""
+        value = getattr(self, self.kind)
+        return {"kind": self.kind, "value": str(value)}
+
+
+@dataclass
+class Filter:
+    """A property filter such as ``band_gap>1`` or ``crystal_system==cubic``."""
+
+    column: str
+    op: str
+    value: Any
+
+    @classmethod
+    def parse(cls, text: str) -> "Filter":
+        match = _FILTER.match(text)
+        if not match:
+            raise CMMAError(f"Cannot read the filter {text!r}: write PROPERTY OP VALUE with OP one of "
+                            f"{' '.join(_OPS)}, e.g. --filter 'band_gap>1' or --filter 'crystal_system==cubic'.")
+        column, op, raw = match.groups()
+        raw = raw.strip("'\"")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+        return cls(column, op, value)
+
+    def mask(self, frame: pd.DataFrame) -> np.ndarray:
+        """Which rows of ``frame`` pass (a missing value never does)."""
+        if self.column not in frame:
+            known = ", ".join(c for c in frame.columns if c != "material_id")
+            raise CMMAError(f"Unknown property {self.column!r} in --filter: the processed data has {known}.")
+        column = frame[self.column]
+        numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        if numeric and not isinstance(self.value, float):
+            raise CMMAError(f"{self.column} is numeric: compare it with a number, e.g. --filter '{self.column}>1'.")
+        if not numeric and isinstance(self.value, float):
+            raise CMMAError(f"{self.column} is not numeric: compare it with a word, e.g. --filter '{self.column}==...'.")
+        if isinstance(self.value, str) and self.op not in ("=", "==", "!="):
+            raise CMMAError(f"{self.column} holds words: filter it with == or !=, not {self.op}.")
+        if isinstance(self.value, str):
+            column = column.astype("string").str.lower()
+            value: Any = self.value.lower()
+        else:
+            value = self.value
+        result = _OPS[self.op](column, value)
+        return result.fillna(False).to_numpy(dtype=bool) & column.notna().to_numpy()
+
+    def __str__(self) -> str:
+        return f"{self.column}{self.op}{self.value}"
+
+
+@dataclass
+class Result:
+    """A ranked answer: the rows (best first), what was asked and how long each part took."""
+
+    run: str
+    query: dict[str, Any]
+    source: str
+    target: str
+    k: int
+    filters: list[str]
+    index_size: int
+    rows: list[dict[str, Any]]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document."""
+        return {"run": self.run, "query": self.query, "from": self.source, "to": self.target, "k": self.k,
+                "filters": self.filters, "index_size": self.index_size, "timing_ms": self.timing_ms,
+                "results": self.rows}
+
+
+def newest_embeddings(ws: Workspace) -> str:
+    """The run whose embeddings were written last, or one sentence saying how to make some."""
+    found = [p for p in (ws.root / "embeddings").glob("*/") if (p / MANIFEST).is_file()]
+    if not found:
+        raise CMMAError(f"There are no embeddings in {ws.root / 'embeddings'} yet: run `cmma embed` "
+                        "(after `cmma train`) first.")
+    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime).name
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-safe scalar: NaN and NA become None, numpy scalars plain Python."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray):
+        return [_clean(v) for v in value.tolist()]
+    return value
+
+
+class Retriever:
+    """The embeddings of one run: indexes, id mappings and properties, and (on first need) its encoders."""
+
+    def __init__(self, ws: Workspace, run: str | None = None, device: str = "cpu", threads: int | None = None):
+        started = time.perf_counter()
+        self.ws = ws
+        self.run = run or newest_embeddings(ws)
+        self.dir = ws.embeddings_dir(self.run)
+        if read_manifest(self.dir) is None:
+            others = sorted(p.parent.name for p in (ws.root / "embeddings").glob(f"*/{MANIFEST}"))
+            hint = f" (runs with embeddings: {', '.join(others)})" if others else ""
+            raise CMMAError(f"There are no embeddings for run {self.run!r} in {self.dir}{hint}: run "
+                            f"`cmma embed --run {self.run}` first.")
+        self.manifest = require_stage(self.dir, "embed")
+        recorded = self.manifest.get("inputs", {}).get("preprocess")
+        if recorded and (ws.processed / MANIFEST).is_file() and manifest_hash(ws.processed) != recorded:
+            console.print(f"[yellow]processed/ changed after the embeddings of run {self.run} were made: properties "
+                          f"may not match; run `cmma embed --run {self.run} --force`.[/]",
+                          highlight=False, soft_wrap=True)
+        self.modalities: list[str] = list(self.manifest["modalities"])
+        self.tables = [t for t in TARGETS if (self.dir / f"{t}.parquet").is_file() and (self.dir / f"{t}.faiss").is_file()]
+        if threads is not None and threads < 1:
+            raise CMMAError(f"--threads must be at least 1, not {threads}.")
+        self.device, self.threads = device, threads
+        self._indexes: dict[str, Any] = {}
+        self._ids: dict[str, pd.DataFrame] = {}
+        self._vectors: dict[str, tuple[pd.Index, np.ndarray]] = {}
+        self._properties: pd.DataFrame | None = None
+        self._encoder = None
+        self._text_ready = False
+        self.load_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------------------ lazy parts
+
+    def index(self, name: str):
+        """The FAISS index of table ``name`` (loaded once)."""
+        if name not in self._indexes:
+            from cmma_cli.index import load_index
+
+            if self.threads:
+                import faiss
+
+                faiss.omp_set_num_threads(self.threads)
+            self._indexes[name] = load_index(self.dir / f"{name}.faiss")
+        return self._indexes[name]
+
+    def ids(self, name: str) -> pd.DataFrame:
+        """The id columns of table ``name``: row i describes row i of its index."""
+        if name not in self._ids:
+            columns = [c for c in pq.ParquetFile(self.dir / f"{name}.parquet").schema_arrow.names if c != "embedding"]
+            self._ids[name] = pq.read_table(self.dir / f"{name}.parquet", columns=columns).to_pandas()
+        return self._ids[name]
+
+    def vectors(self, name: str) -> tuple[pd.Index, np.ndarray]:
+        """``(material ids, vectors)`` of table ``name``, for looking up a stored embedding."""
+        if name not in self._vectors:
+            from cmma_cli.embed import read_vectors
+
+            table, vectors = read_vectors(self.dir / f"{name}.parquet", ["material_id"])
+            self._vectors[name] = (pd.Index(table.column("material_id").to_pylist()), vectors)
+        return self._vectors[name]
+
+    def properties(self) -> pd.DataFrame:
+        """The processed scalar columns (formula, symmetry, properties), one row per material id."""
+        if self._properties is None:
+            path = self.ws.processed / "materials.parquet"
+            if not path.is_file():
+                raise CMMAError(f"{path} is missing, so results cannot show properties: run `cmma preprocess` first.")
+            schema = pq.ParquetFile(path).schema_arrow
+            skip = {"description", "xrd_source", "image_path", "source", "structure"}
+            columns = [f.name for f in schema if f.name not in skip and not (
+                f.type.num_fields or str(f.type).startswith(("list", "large_list", "struct")))]
+            frame = pq.read_table(path, columns=columns).to_pandas()
+            frame["material_id"] = frame["material_id"].astype(str)
+            self._properties = frame.drop_duplicates("material_id").set_index("material_id")
+        return self._properties
+
+    def encoder(self):
+        """The run's encoders, from the very checkpoint that made these embeddings."""
+        if self._encoder is None:
+            started = time.perf_counter()
+            from cmma_cli.embed import file_digest
+            from cmma_cli.encode import Encoder
+
+            facts = self.manifest["checkpoint"]
+            path = Path(facts["path"])
+            again = f"run `cmma embed --run {self.run} --force` so the queries and the index come from one model"
+            if not path.is_file():
+                raise CMMAError(f"The checkpoint {path} that made these embeddings is gone: {again}.")
+            stat = path.stat()
+            if (stat.st_size, stat.st_mtime_ns) != (facts.get("size"), facts.get("mtime_ns")) and \
+                    file_digest(path) != facts["sha256"]:
+                raise CMMAError(f"The checkpoint {path} changed after `cmma embed` ran: {again}.")
+            processed = require_stage(self.ws.processed, "preprocess")
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            self._encoder = Encoder(path, processed, cache_dir=None, device=self.device, show_progress=False)
+            self.load_seconds += time.perf_counter() - started
+        return self._encoder
+
+    def prepare(self, kind: str, source: str, target: str) -> None:
+        """Load, once, everything a query of this kind needs (counted as loading, not as encoding or search)."""
+        ready = (target in self._indexes and target in self._ids and self._properties is not None
+                 and (source in self._vectors if kind == "material" else self._encoder is not None)
+                 and (kind != "text" or self._text_ready))
+        if ready:
+            return
+        started = time.perf_counter()
+        self.index(target)
+        self.ids(target)
+        self.properties()
+        if kind == "material":
+            self.vectors(source)
+        else:
+            encoder = self.encoder()
+            if kind == "text" and not self._text_ready:
+                encoder.embed_texts(["warm-up"])  # loads the sentence model
+                self._text_ready = True
+        self.load_seconds += time.perf_counter() - started
+
+    # ------------------------------------------------------------------------------------------ query
+
+    def resolve(self, query: Query, source: str | None, target: str | None) -> tuple[str, str]:
+        """The ``(from, to)`` of a query, checked against what this run has."""
+        kind = query.kind
+        allowed = SOURCES[kind]
+        source = source or (allowed[0] if kind != "material" else ("structure" if "structure" in self.tables else "unified"))
+        if source not in allowed:
+            raise CMMAError(f"A {kind} query is encoded as {' or '.join(allowed)}, not {source}: drop --from or "
+                            "pass the query that goes with it (text, --structure, --pattern, --image, --material).")
+        if kind != "material" and source not in self.modalities:
+            raise CMMAError(f"Run {self.run!r} was not trained with the {source} modality (it has "
+                            f"{', '.join(self.modalities)}): query from one of those, or train a run that includes "
+                            f"{source} (cmma train --modalities ...).")
+        target = target or ("structure" if "structure" in self.tables else "unified")
+        if target not in TARGETS:
+            raise CMMAError(f"--to must be one of {', '.join(TARGETS)}, not {target!r}.")
+        if target not in self.tables:
+            trained = "" if target in self.modalities or target in ("unified", "synthesis") else \
+                f" (run {self.run!r} was not trained with {target})"
+            raise CMMAError(f"There is no {target} index for run {self.run!r}{trained}: pass --to one of "
+                            f"{', '.join(self.tables)}.")
+        return source, target
+
+    def stored_vector(self, material_id: str, source: str) -> np.ndarray:
+        """The stored ``source`` embedding of an embedded material."""
+        if source not in self.tables:
+            raise CMMAError(f"Run {self.run!r} has no {source} embeddings: pass --from one of "
+                            f"{', '.join(t for t in self.tables if t != 'synthesis')}.")
+        ids, vectors = self.vectors(source)
+        position = ids.get_indexer([material_id])[0]
+        if position >= 0:
+            return vectors[position]
+        everywhere = self.ids("unified")["material_id"] if "unified" in self.tables else pd.Series([], dtype=str)
+        if material_id in set(everywhere):
+            has = [t for t in self.tables if t not in ("synthesis", "unified") and material_id in set(self.ids(t)["material_id"])]
+            raise CMMAError(f"Material {material_id!r} has no {source} embedding (it has {', '.join(has)}): pass "
+                            f"--from {has[0] if has else 'unified'}.")
+        close = difflib.get_close_matches(material_id, list(everywhere), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise CMMAError(f"Unknown material id {material_id!r}: no material with that id was embedded in run "
+                        f"{self.run!r}{hint}; check the id against processed/materials.parquet.")
+
+    def encode(self, query: Query, source: str) -> np.ndarray:
+        """The ``(d,)`` query vector in the shared space."""
+        kind = query.kind
+        if kind == "material":
+            return self.stored_vector(str(query.material), source)
+        encoder = self.encoder()
+        if kind == "text":
+            return encoder.embed_query_text(str(query.text))
+        if kind == "structure":
+            return encoder.embed_structure_file(Path(query.structure), want=(source,))[source]
+        if kind == "pattern":
+            return encoder.embed_pattern_file(Path(query.pattern))
+        return encoder.embed_image_file(Path(query.image))
+
+    def allowed(self, target: str, filters: list[Filter]) -> np.ndarray | None:
+        """Which rows of ``target`` pass every filter (None: no filters)."""
+        if not filters:
+            return None
+        frame = self.properties().reindex(self.ids(target)["material_id"].astype(str))
+        mask = np.ones(len(frame), dtype=bool)
+        for f in filters:
+            mask &= f.mask(frame.reset_index())
+        return mask
+
+    def search(self, vector: np.ndarray, target: str, k: int, filters: list[Filter] | None = None) -> list[dict[str, Any]]:
+        """The ``k`` best rows of ``target`` for ``vector``, with their properties, best first."""
+        from cmma_cli.index import search
+
+        if k < 1:
+            raise CMMAError(f"-k must be at least 1, not {k}.")
+        mask = self.allowed(target, filters or [])
+        index = self.index(target)
+        if index.ntotal == 0 or (mask is not None and not mask.any()):
+            return []
+        scores, rows = search(index, vector[None, :], k, mask)
+        keep = rows[0] >= 0
+        hits = self.ids(target).iloc[rows[0][keep]].reset_index(drop=True)
+        wanted = list(dict.fromkeys([*KEY_PROPERTIES, *(f.column for f in filters or [])]))
+        props = self.properties()
+        found = props.reindex(hits["material_id"].astype(str))[[c for c in wanted if c in props.columns]]
+        found = found.reset_index(drop=True)
+        out = []
+        for rank, (score, ident, prop) in enumerate(zip(scores[0][keep], hits.to_dict("records"),
+                                                        found.to_dict("records")), start=1):
+            record = {key: _clean(value) for key, value in ident.items()}
+            for key in wanted:
+                record.setdefault(key, _clean(prop.get(key)))
+            out.append({"rank": rank, "score": round(float(score), 6), **record})
+        return out
+
+    def query(self, query: Query, source: str | None = None, target: str | None = None, k: int = 10,
+              filters: list[str] | None = None) -> Result:
+        """Encode ``query`` and search: a :class:`Result` with separate load / encode / search timings."""
+        parsed = [Filter.parse(f) for f in filters or []]
+        source, target = self.resolve(query, source, target)
+        self.prepare(query.kind, source, target)
+        t0 = time.perf_counter()
+        vector = self.encode(query, source)
+        t1 = time.perf_counter()
+        rows = self.search(vector, target, k, parsed)
+        t2 = time.perf_counter()
+        timing = {"load": round(self.load_seconds * 1000, 3), "encode": round((t1 - t0) * 1000, 3),
+                  "search": round((t2 - t1) * 1000, 3)}
+        return Result(self.run, query.describe(), source, target, k, [str(f) for f in parsed],
+                      int(self.index(target).ntotal), rows, timing)
+
+
+def search(ws: Workspace, query: Query, cfg: RetrieveConfig) -> Result:
+    """One query of ``cmma retrieve``: load the run's embeddings, encode, search."""
+    return Retriever(ws, cfg.run, cfg.device, cfg.threads).query(query, cfg.source, cfg.target, cfg.k, cfg.filters)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+_FORMATS = {"band_gap": ("band gap (eV)", "{:.2f}"), "formation_energy_per_atom": ("E_form (eV/atom)", "{:.3f}"),
+            "energy_above_hull": ("E_hull (eV/atom)", "{:.3f}")}
+
+
+def render(result: Result):
+    """A rich table of the results: rank, id, formula, score, crystal system and the key properties."""
+    from rich.table import Table
+
+    title = (f"{result.query['kind']} -> {result.target} ({result.index_size} vectors, run {result.run})"
+             + (f", filters {' '.join(result.filters)}" if result.filters else ""))
+    table = Table(title=title, title_justify="left")
+    table.add_column("rank", justify="right")
+    if result.target == "synthesis":
+        table.add_column("recipe")
+    table.add_column("material")
+    table.add_column("formula")
+    table.add_column("score", justify="right")
+    table.add_column("crystal system")
+    shown = [key for key in _FORMATS if any(r.get(key) is not None for r in result.rows)]
+    extra = [Filter.parse(f).column for f in result.filters]
+    extra = [c for c in dict.fromkeys(extra) if c not in _FORMATS and c not in KEY_PROPERTIES]
+    for key in shown:
+        table.add_column(_FORMATS[key][0], justify="right")
+    for key in extra:
+        table.add_column(key, justify="right")
+    if result.target == "unified":
+        table.add_column("modalities")
+    for r in result.rows:
+        cells = [str(r["rank"])]
+        if result.target == "synthesis":
+            cells.append(str(r.get("recipe_id")))
+        cells += [str(r["material_id"]), str(r.get("formula") or ""), f"{r['score']:.4f}", str(r.get("crystal_system") or "")]
+        cells += [_FORMATS[k][1].format(r[k]) if r.get(k) is not None else "" for k in shown]
+        cells += ["" if r.get(k) is None else str(r[k]) for k in extra]
+        if result.target == "unified":
+            cells.append(",".join(r.get("modalities") or []))
+        table.add_row(*cells)
+    return table
+
+
+def to_json(result: Result) -> str:
+    """The ``--json`` output."""
+    return json.dumps(result.to_dict(), indent=2)
+
+
+def run_retrieve(ws: Workspace, query: Query, cfg: RetrieveConfig, as_json: bool = False) -> Result:
+    """What ``cmma retrieve`` does: search, then print the table (or ``--json``) on stdout, timings on stderr."""
+    import sys
+
+    from rich.console import Console
+
+    result = search(ws, query, cfg)
+    if as_json:
+        sys.stdout.write(to_json(result) + "\n")
+        return result
+    if not result.rows:
+        console.print(f"No {result.target} entry of run {result.run} passes the filters {' '.join(result.filters)}: "
+                      "loosen them.", highlight=False, soft_wrap=True)
+        return result
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(render(result))
+    t = result.timing_ms
+    console.print(f"encode {t['encode']:.1f} ms, search {t['search']:.1f} ms (loading {t['load'] / 1000:.1f} s)",
+                  highlight=False, soft_wrap=True)
+    return result
