@@ -22,6 +22,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/cmma fetch -w $(WS)
 	$(BIN)/cmma preprocess -w $(WS)
+	$(BIN)/cmma train -w $(WS) --run demo --epochs 20
+	$(BIN)/cmma embed -w $(WS) --run demo
+	$(BIN)/cmma retrieve -w $(WS) --run demo -k 5 "Rock salt structure: sodium is bonded to six equivalent chlorine atoms forming corner and edge-sharing octahedra."
 
 test: $(VENV)/.installed
 	$(BIN)/pytest -q
