@@ -56,7 +56,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_device(ws: Workspace, cfg: TrainConfig, device: torch.device, batch_size: int, steps: int,
                  workers: int) -> tuple[dict[str, float], float, float]:
-    """(mean seconds per part, step materials/s, DataLoader materials/s) on ``device``."""
+    """(median seconds per part, step materials/s, DataLoader materials/s) on ``device``."""
     torch.manual_seed(0)
     manifest = read_manifest(ws.processed)
     ctx = Context(manifest, cache_dir=ws.root / "cache", show_progress=False)
@@ -110,7 +110,7 @@ def bench_device(ws: Workspace, cfg: TrainConfig, device: torch.device, batch_si
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         timed("clip + AdamW step", t)
-    means = {k: float(np.mean(v)) for k, v in parts.items()}
+    means = {k: float(np.median(v)) for k, v in parts.items()}  # medians: robust to a busy machine
     step_rate = batch_size / sum(means.values())
 
     # the real loader over many random batches (training-style keys: sampled text, seeded rng)

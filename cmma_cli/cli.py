@@ -165,8 +165,9 @@ def preprocess(force: ForceOpt = False, workspace: WorkspaceOpt = None, *, cfg: 
 @_friendly
 @with_config(TrainConfig, "train")
 def train(
-    run: Annotated[Optional[str], typer.Option(help="Run name: runs/<run>/ (default: a timestamp; with --resume "
-                                                    "latest, the newest run).", show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option("--run", "--run-name", help="Run name: runs/<run>/ (default: a "
+                                                    "timestamp; with --resume latest, the newest run). Under torchrun "
+                                                    "use --run-name.", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'latest' or a checkpoint file.",
                                                   show_default=False)] = None,
     gpus: Annotated[Optional[int], typer.Option(help="Ranks on this machine: N GPUs with DDP (N CPU processes on "

@@ -86,36 +86,36 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: ["structure", "text", "xrd"])  # structure|text|xrd|image
     pairs: str = "all"  # modality pairs in the loss: all | anchor:<modality> | a-b,c-d
     in_modality_negatives: bool = False  # also contrast against other samples of the anchor's own modality
-    epochs: int = 30
+    epochs: int = 30  # passes over the train split
     batch_size: int = 128  # materials per process and step (negatives grow with the number of processes)
     lr: float = 1e-3  # peak AdamW learning rate (encoders other than text, heads, temperature)
     weight_decay: float = 0.2  # AdamW weight decay as in CLIP (matrices only: not biases, norms, the temperature)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.01
+    min_lr_ratio: float = 0.01  # the cosine schedule ends at this fraction of the peak learning rate
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     modality_dropout: float = 0.0  # drop a present modality from a training sample with this probability
     embed_dim: int = 256  # dimension d of the shared embedding space
     proj_hidden: int = 512  # hidden width of the projection heads
     temperature: float = 0.07  # initial softmax temperature (logit scale 1/0.07, learnt, capped at 100)
-    learn_temperature: bool = True
+    learn_temperature: bool = True  # learn the temperature (else keep the initial one)
     structure_encoder: str = "schnet"  # schnet | cgcnn | painn
-    structure_hidden: int = 128
-    structure_layers: int = 3
+    structure_hidden: int = 128  # width of the atom features (and of the structure encoder's output)
+    structure_layers: int = 3  # message-passing layers
     num_rbf: int = 50  # Gaussian radial basis functions of the edge distances
     pooling: str = "mean"  # atoms -> material: mean | sum
     text_model: str = "all-MiniLM-L6-v2"  # the offline built-in, a Hugging Face id or a local folder
     text_tune: str = "frozen"  # frozen (embeddings cached) | full | top:K (fine-tune the top K layers)
     text_lr: float = 2e-5  # learning rate of the text model when it is fine-tuned
     text_max_length: int = 256  # tokens per text (longer texts are truncated)
-    text_sources: list[str] = field(default_factory=lambda: ["description", "synthesis"])
+    text_sources: list[str] = field(default_factory=lambda: ["description", "synthesis"])  # texts a material draws from
     xrd_channels: int = 32  # width of the first XRD convolution (doubles twice)
-    xrd_out_dim: int = 256
+    xrd_out_dim: int = 256  # width of the XRD encoder's output
     xrd_augment: bool = True  # shift (up to 0.15 deg) and modulate training patterns as measurements differ
     image_model: str = "resnet18"  # any timm model name (image modality only)
     image_pretrained: bool = True  # start from timm's pretrained weights where they can be downloaded
-    image_size: int = 224
+    image_size: int = 224  # images are resized to this many pixels square
     best_metric: str = "val_loss"  # what picks best.pt: val_loss (lowest) | val_r1 (highest)
-    seed: int = 0
+    seed: int = 0  # seeds the initialisation, batch order, text sampling, augmentation and dropout
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     workers: int | None = None  # data-loader processes per rank (None: 4 on GPU, 0 on CPU); does not change results
 

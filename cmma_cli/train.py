@@ -53,6 +53,8 @@ from cmma_cli.model import build_model, model_spec, read_checkpoint, save_checkp
 from cmma_cli.workspace import Workspace, begin_stage, manifest_hash, require_stage, write_manifest
 
 STAGE = "train"
+#: Steps between progress-bar / TensorBoard updates (reading the loss synchronises a GPU).
+LOG_EVERY = 5
 #: How long ranks wait for each other, e.g. while rank 0 embeds every text once for the frozen-text cache.
 DIST_TIMEOUT = datetime.timedelta(hours=4)
 BEST_METRICS = {"val_loss": "min", "val_r1": "max"}
@@ -514,7 +516,8 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
         for epoch in range(start_epoch, cfg.epochs + 1):
             sampler.set_epoch(epoch)
             model.train()
-            sums, seen, started = {k: 0.0 for k in ["loss", *pairs]}, 0, time.perf_counter()
+            sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ["loss", *pairs]}
+            seen, started = 0, time.perf_counter()
             task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, loss=float("nan"),
                                 temp=1 / float(raw.scale().detach()), rate=0.0) if master else None
             for batch in loader:
@@ -531,23 +534,23 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
                 raw.clamp_logit_scale()
                 step += 1
                 seen += batch_size * world
-                value = float(loss.detach())
-                sums["loss"] += value
+                sums["loss"] += loss.detach()
                 for k in pairs:
-                    sums[k] += float(parts[k].detach())
-                if master:
+                    sums[k] += parts[k].detach()
+                if master and (step % LOG_EVERY == 0 or seen == steps_per_epoch * batch_size * world):
+                    value, temp = float(loss.detach()), 1 / float(raw.scale().detach())  # syncs a GPU: not every step
                     rate = seen / (time.perf_counter() - started)
-                    bar.update(task, advance=1, loss=value, temp=1 / float(raw.scale().detach()), rate=rate)
+                    bar.update(task, completed=seen // (batch_size * world), loss=value, temp=temp, rate=rate)
                     writer.add_scalar("train/loss", value, step)
                     writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                    writer.add_scalar("train/temperature", 1 / float(raw.scale().detach()), step)
+                    writer.add_scalar("train/temperature", temp, step)
             seconds = time.perf_counter() - started
+            sums = {k: float(v) / max(1, steps_per_epoch) for k, v in sums.items()}
             val = evaluate(raw, sets["val"], val_rows, batch_size * world, loss_fn, device, autocast, rank)
             if master:
                 row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
                        "temperature": 1 / float(raw.scale().detach()),
-                       "train_loss": sums["loss"] / max(1, steps_per_epoch),
-                       **{f"train_{k}": sums[k] / max(1, steps_per_epoch) for k in pairs}, **val,
+                       "train_loss": sums["loss"], **{f"train_{k}": sums[k] for k in pairs}, **val,
                        "train_materials_per_s": seen / seconds, "epoch_seconds": seconds}
                 rows.append(row)
                 _write_metrics(rows, metrics_path)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from cmma_cli.config import FetchConfig, PreprocessConfig, TrainConfig, load_toml_section
+from cmma_cli.config import TrainConfig, load_toml_section
 from cmma_cli.errors import CMMAError
-from cmma_cli.fetch import run_fetch
 from cmma_cli.model import load_model, read_checkpoint
-from cmma_cli.preprocess.pipeline import run_preprocess
 from cmma_cli.train import lr_factor, run_train
 from cmma_cli.workspace import Workspace, read_manifest
 
@@ -26,11 +25,12 @@ FAST = TrainConfig(
 
 
 @pytest.fixture(scope="module")
-def sample_ws(tmp_path_factory) -> Workspace:
-    """The built-in sample, fetched and preprocessed (real structures, robocrys descriptions, computed XRD)."""
+def sample_ws(embedded_sample, tmp_path_factory) -> Workspace:
+    """The built-in sample, preprocessed (real structures, robocrys descriptions, computed XRD), in a workspace
+    of this module's own: a copy of the session's ``processed/`` and frozen-text cache, with no runs yet."""
     ws = Workspace(tmp_path_factory.mktemp("sample-ws"))
-    run_fetch(ws, FetchConfig(source="sample"), api_key=None)
-    run_preprocess(ws, PreprocessConfig())
+    shutil.copytree(embedded_sample.ws.processed, ws.processed)
+    shutil.copytree(embedded_sample.ws.root / "cache", ws.root / "cache")
     return ws
 
 
@@ -150,3 +150,31 @@ def test_two_cpu_processes_train_exactly_like_one_with_the_doubled_batch(sample_
     for a, b in zip(ddp, single):
         for key in ("train_loss", "val_loss", "val_r1", "temperature"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_training_copes_with_missing_modalities_and_modality_dropout(sample_ws, tmp_path):
+    """Descriptions kept for one material in three only: pairs use the samples that have both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(sample_ws.processed, ws.processed)
+    shutil.copytree(sample_ws.root / "cache", ws.root / "cache")
+    table = pq.read_table(ws.processed / "materials.parquet")
+    keep = [i % 3 == 0 for i in range(table.num_rows)]
+    descriptions = [d if k else None for d, k in zip(table["description"].to_pylist(), keep)]
+    table = table.set_column(table.schema.get_field_index("description"), "description", pa.array(descriptions, pa.string()))
+    pq.write_table(table, ws.processed / "materials.parquet")
+
+    cfg = replace(FAST, modalities=["structure", "text", "xrd"], epochs=2, batch_size=16, modality_dropout=0.3)
+    run_train(ws, cfg, run="sparse")
+    rows = metrics(ws.run_dir("sparse"))
+    splits = pq.read_table(ws.processed / "splits.parquet").to_pandas()
+    val_ids = set(splits.loc[splits["split"] == "val", "material_id"])
+    with_text = sum(1 for mid, d in zip(table["material_id"].to_pylist(), descriptions) if mid in val_ids and d)
+    for row in rows:
+        assert all(row[k] == row[k] and row[k] > 0 for k in ("train_loss", "train_structure-text", "val_loss"))
+    # retrieval in a text pair ranks only the val materials that have a description: its chance level is 1/with_text
+    assert 3 < with_text < 20
+    assert rows[-1]["val_r1_chance"] == pytest.approx((4 / with_text + 2 / 30) / 6)
+    assert read_manifest(ws.run_dir("sparse"))["rows"]["val"] == 30  # every val material still has structure + xrd

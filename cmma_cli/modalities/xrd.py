@@ -45,16 +45,20 @@ def augment(patterns: np.ndarray, rng: np.random.Generator, max_shift: int) -> n
     with intensities modulated smoothly along 2-theta (preferred orientation, absorption), rescaled to max 1."""
     n, length = patterns.shape
     shifts = rng.integers(-max_shift, max_shift + 1, size=n)
-    source = np.arange(length)[None, :] - shifts[:, None]
-    inside = (source >= 0) & (source < length)
-    out = np.where(inside, np.take_along_axis(patterns, source.clip(0, length - 1), axis=1), 0.0)
-    knots = np.exp(rng.normal(0.0, AUGMENT_INTENSITY_SD, size=(n, AUGMENT_KNOTS)))
-    grid = np.linspace(0, AUGMENT_KNOTS - 1, length)
-    lo = np.floor(grid).astype(int).clip(0, AUGMENT_KNOTS - 2)
+    out = np.zeros_like(patterns, dtype=np.float32)
+    for i, shift in enumerate(shifts):  # a slice copy per pattern: cheaper than fancy indexing
+        if shift >= 0:
+            out[i, shift:] = patterns[i, : length - shift]
+        else:
+            out[i, :shift] = patterns[i, -shift:]
+    knots = np.exp(rng.normal(0.0, AUGMENT_INTENSITY_SD, size=(n, AUGMENT_KNOTS))).astype(np.float32)
+    grid = np.linspace(0, AUGMENT_KNOTS - 1, length, dtype=np.float32)
+    lo = np.floor(grid).astype(np.int64).clip(0, AUGMENT_KNOTS - 2)
     frac = grid - lo
-    out = out * (knots[:, lo] * (1 - frac) + knots[:, lo + 1] * frac)
+    out *= knots[:, lo] * (1 - frac) + knots[:, lo + 1] * frac
     peak = out.max(axis=1, keepdims=True)
-    return (out / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+    out /= np.where(peak > 0, peak, 1.0)
+    return out
 
 
 class XRDModality(Modality):
