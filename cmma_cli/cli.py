@@ -142,10 +142,6 @@ def fetch(
     run_fetch(Workspace.resolve(workspace), cfg, api_key=api_key, force=force)
 
 
-def _not_yet(stage: str, issue_hint: str) -> None:
-    raise CMMAError(f"`cmma {stage}` is not available yet in cmma {__version__}: {issue_hint}")
-
-
 @app.command()
 @_friendly
 @with_config(PreprocessConfig, "preprocess")
@@ -197,11 +193,51 @@ def train(
     run_train(Workspace.resolve(workspace), cfg, run=run, resume=resume, gpus=gpus, force=force)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_friendly
-def evaluate() -> None:
-    """(Not available yet) Property probes, retrieval metrics, baselines and the report."""
-    _not_yet("evaluate", "only `cmma fetch` works so far.")
+@with_config(EvaluateConfig, "evaluate")
+def evaluate(
+    ablation: Annotated[Optional[str], typer.Option(help="Run an ablation instead of the report: temperature | dim | "
+                                                         "modalities | missing | encoder.", show_default=False)] = None,
+    explain: Annotated[Optional[str], typer.Option(help="Explain one material: what drives the similarity of its "
+                                                        "structure to its text and XRD embeddings.",
+                                                   show_default=False)] = None,
+    force: ForceOpt = False,
+    workspace: WorkspaceOpt = None,
+    *,
+    cfg: EvaluateConfig,
+) -> None:
+    """Judge a run's embeddings on the test split into [bold]reports/<run>/[/]: property probes, cross-modal
+    retrieval, synthesis match, baselines, latent-space maps and attributions (report.md, metrics.json,
+    figures/).
+
+    Examples:
+
+      cmma evaluate                                  # the newest embedded run
+
+      cmma evaluate --sections probes,retrieval
+
+      cmma evaluate --explain "aflow:AB_cF8_225_a_b:NaCl"
+
+      cmma evaluate --ablation temperature
+    """
+    from cmma_cli.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    if explain and ablation:
+        raise CMMAError("Give either --explain or --ablation, not both.")
+    if explain:
+        from cmma_cli.evaluate.explain import run_explain
+
+        run_explain(ws, cfg, explain)
+    elif ablation:
+        from cmma_cli.evaluate.ablations import run_ablation
+
+        run_ablation(ws, cfg, ablation, force=force)
+    else:
+        from cmma_cli.evaluate.pipeline import run_evaluate
+
+        run_evaluate(ws, cfg, force=force)
 
 
 @app.command()

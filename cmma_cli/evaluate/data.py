@@ -1,0 +1,123 @@
+"""What ``cmma evaluate`` reads: the processed materials (properties + splits) and one run's embeddings.
+
+Embeddings follow the contract of ``cmma embed`` (``<ws>/embeddings/<run>/``): ``<modality>.parquet``
+and ``unified.parquet`` (``material_id``, ``embedding``), ``synthesis.parquet`` (``recipe_id``,
+``material_id``, ``embedding``). Properties come from ``processed/materials.parquet`` (only the light
+columns: no graphs, no patterns), the split of every material from ``processed/splits.parquet``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from cmma_cli.errors import CMMAError
+from cmma_cli.workspace import Workspace, read_table, require_stage
+
+#: Embedding tables that are one row per material (everything but ``synthesis``), in report order.
+MATERIAL_TABLES = ("unified", "structure", "text", "xrd", "image")
+#: Numeric properties that are categories or identifiers, not quantities to regress.
+NOT_REGRESSED = {"spacegroup_number", "nsites"}
+#: Processed columns that are identity, text or modality data, never a property.
+NON_PROPERTY = {"material_id", "formula", "elements", "source", "description", "synthesis_texts", "recipe_ids",
+                "xrd", "xrd_source", "image_path", "atomic_numbers", "edge_src", "edge_dst", "edge_dist",
+                "edge_vec", "structure"}
+
+
+@dataclass
+class Embeddings:
+    """One embedding table: ``ids[i]`` is the material (or recipe link) of row ``vectors[i]``."""
+
+    ids: np.ndarray  # (rows,) str material ids
+    vectors: np.ndarray  # (rows, d) float32, L2-normalised
+
+    def rows_of(self, material_ids: np.ndarray) -> np.ndarray:
+        """Row numbers of ``material_ids`` in this table (-1 where absent)."""
+        position = {m: i for i, m in enumerate(self.ids)}
+        return np.array([position.get(m, -1) for m in material_ids], dtype=np.int64)
+
+
+@dataclass
+class EvalData:
+    """Everything the evaluation sections read, for one run."""
+
+    run: str
+    materials: pd.DataFrame  # material_id, formula, elements, properties..., split, group
+    tables: dict[str, Embeddings]  # unified and each modality
+    synthesis: pd.DataFrame | None  # recipe_id, material_id (the links), with ``vectors`` alongside
+    synthesis_vectors: np.ndarray | None
+    manifest: dict[str, Any]
+    processed_manifest: dict[str, Any]
+    numeric_properties: list[str] = field(default_factory=list)
+
+    def split_ids(self, split: str) -> np.ndarray:
+        """The material ids of one split (train | val | test)."""
+        return self.materials.loc[self.materials["split"] == split, "material_id"].to_numpy()
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modality tables present (not ``unified``)."""
+        return [m for m in self.tables if m != "unified"]
+
+
+def _vectors(frame: pd.DataFrame, path: Path) -> np.ndarray:
+    if frame.empty:
+        return np.zeros((0, 0), dtype=np.float32)
+    try:
+        return np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"]])
+    except ValueError:
+        raise CMMAError(f"{path} holds embeddings of different lengths: run `cmma embed --force`.") from None
+
+
+def numeric_properties(materials: pd.DataFrame, candidates: list[str]) -> list[str]:
+    """The columns of ``candidates`` holding numbers to regress (not booleans, not categories)."""
+    out = []
+    for name in candidates:
+        if name in NON_PROPERTY or name in NOT_REGRESSED or name not in materials:
+            continue
+        column = materials[name]
+        if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
+            continue
+        out.append(name)
+    return out
+
+
+def load_eval_data(ws: Workspace, run: str) -> EvalData:
+    """The embeddings of ``run`` and the processed materials with their splits, or one sentence saying what to run."""
+    processed = require_stage(ws.processed, "preprocess")
+    emb_dir = ws.embeddings_dir(run)
+    manifest = require_stage(emb_dir, "embed")
+    materials_path = ws.processed / "materials.parquet"
+    splits_path = ws.processed / "splits.parquet"
+    if not materials_path.exists() or not splits_path.exists():
+        raise CMMAError(f"{ws.processed} lacks materials.parquet or splits.parquet: run `cmma preprocess --force`.")
+    names = pq.ParquetFile(materials_path).schema_arrow.names
+    light = [c for c in names if c not in NON_PROPERTY or c in ("material_id", "formula", "elements")]
+    materials = read_table(materials_path, columns=light)
+    materials["material_id"] = materials["material_id"].astype(str)
+    splits = read_table(splits_path)
+    splits["material_id"] = splits["material_id"].astype(str)
+    materials = materials.merge(splits[["material_id", "split", "group"]], on="material_id", how="inner")
+
+    tables: dict[str, Embeddings] = {}
+    for name in MATERIAL_TABLES:
+        path = emb_dir / f"{name}.parquet"
+        if path.exists():
+            frame = read_table(path, columns=["material_id", "embedding"])
+            tables[name] = Embeddings(frame["material_id"].astype(str).to_numpy(), _vectors(frame, path))
+    if "unified" not in tables:
+        raise CMMAError(f"{emb_dir} has no unified.parquet: run `cmma embed --run {run} --force`.")
+    synthesis, synthesis_vectors = None, None
+    path = emb_dir / "synthesis.parquet"
+    if path.exists():
+        frame = read_table(path, columns=["recipe_id", "material_id", "embedding"])
+        synthesis_vectors = _vectors(frame, path)
+        synthesis = frame[["recipe_id", "material_id"]].astype(str).reset_index(drop=True)
+    candidates = list(processed.get("properties", [])) or [c for c in materials.columns]
+    return EvalData(run, materials.reset_index(drop=True), tables, synthesis, synthesis_vectors, manifest,
+                    processed, numeric_properties(materials, candidates))

@@ -1,0 +1,321 @@
+"""The report: ``metrics.json`` rendered as ``report.md`` (tables + figures) and as terminal tables.
+
+Everything here is a pure function of the metrics dictionary (plus figure paths it lists), so the
+markdown and the terminal always show the numbers that ``metrics.json`` holds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+from cmma_cli.console import console
+
+REGRESSION_MODELS = ("dummy", "ridge", "mlp")
+CLASSIFICATION_MODELS = ("dummy", "logistic", "mlp")
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a table: ``digits`` decimals, ``-`` for missing or NaN."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- table rows
+
+
+def regression_rows(metrics: dict[str, Any], prop: str) -> list[list[Any]]:
+    """Rows (model, embedding / input, MAE, RMSE, R², n test) for one property: probes, then baselines."""
+    rows = []
+    by_table = metrics.get("probes", {}).get("regression", {}).get(prop, {})
+    if "unified" in by_table:
+        s = by_table["unified"]["dummy"]
+        rows.append(["dummy (train mean)", "-", s["mae"], s["rmse"], s["r2"], s["n"]])
+    for table, scores in by_table.items():
+        for model in ("ridge", "mlp"):
+            s = scores[model]
+            rows.append([f"CMMA {model} probe", table, s["mae"], s["rmse"], s["r2"], s["n"]])
+    for name, s in metrics.get("baselines", {}).get("regression", {}).get(prop, {}).items():
+        rows.append([f"supervised {name}", s.get("inputs", "-"), s["mae"], s["rmse"], s["r2"], s["n"]])
+    return rows
+
+
+def classification_rows(metrics: dict[str, Any], task: str) -> list[list[Any]]:
+    """Rows (model, embedding, accuracy, macro F1, ROC AUC, n test) for one classification task."""
+    rows = []
+    by_table = metrics.get("probes", {}).get("classification", {}).get(task, {})
+    if "unified" in by_table:
+        s = by_table["unified"]["dummy"]
+        rows.append(["dummy (majority)", "-", s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
+    for table, scores in by_table.items():
+        for model in ("logistic", "mlp"):
+            s = scores[model]
+            rows.append([f"CMMA {model} probe", table, s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
+    return rows
+
+
+def verdict_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    """Per property: dummy, CMMA's unified probes, the supervised baselines, and a verdict fixed in advance:
+    the CMMA MLP probe on the unified embedding against intermediate fusion (both see every modality)."""
+    rows = []
+    probes = metrics.get("probes", {}).get("regression", {})
+    baselines = metrics.get("baselines", {}).get("regression", {})
+    for prop, by_table in probes.items():
+        base = baselines.get(prop, {})
+        uni = by_table.get("unified")
+        if not base or uni is None:
+            continue
+        single = {k: v for k, v in base.items() if k not in ("intermediate fusion", "late fusion")}
+        best_single = min(single.items(), key=lambda kv: kv[1]["mae"]) if single else None
+        fusion = base.get("intermediate fusion")
+        verdict = "-"
+        if fusion:
+            gap = (uni["mlp"]["mae"] - fusion["mae"]) / fusion["mae"] if fusion["mae"] else 0.0
+            verdict = f"CMMA better by {-gap:.0%}" if gap < 0 else f"fusion better by {gap:.0%}"
+        rows.append([prop, uni["dummy"]["mae"], uni["ridge"]["mae"], uni["mlp"]["mae"],
+                     f"{fmt(best_single[1]['mae'])} ({best_single[0]})" if best_single else "-",
+                     fusion["mae"] if fusion else None, base.get("late fusion", {}).get("mae"), verdict])
+    return rows
+
+
+def retrieval_rows(metrics: dict[str, Any], ks: list[int]) -> list[list[Any]]:
+    """One row per ordered pair: each metric followed by its chance value."""
+    rows = []
+    for pair, s in metrics.get("retrieval", {}).get("pairs", {}).items():
+        row: list[Any] = [pair, s["queries"]]
+        for k in ks:
+            row += [s[f"recall@{k}"], s[f"chance_recall@{k}"]]
+        row += [s["mrr"], s["chance_mrr"], s["map"], s["chance_map"], s["mean_rank"], s["median_rank"], s["chance_mean_rank"]]
+        rows.append(row)
+    return rows
+
+
+def retrieval_header(ks: list[int]) -> list[str]:
+    header = ["pair (query->gallery)", "n"]
+    for k in ks:
+        header += [f"R@{k}", f"chance R@{k}"]
+    return header + ["MRR", "chance MRR", "mAP", "chance mAP", "mean rank", "median rank", "chance rank"]
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def render_markdown(metrics: dict[str, Any]) -> str:
+    """The whole ``report.md``."""
+    info = metrics["run"]
+    ks = info["ks"]
+    out = [f"# CMMA evaluation: run `{info['run']}`", ""]
+    out.append(f"Checkpoint `{info.get('checkpoint')}` (epoch {info.get('epoch')}), modalities "
+               f"{', '.join(info['modalities'])}, embedding dimension {info.get('dim')}. Every score below is "
+               "computed on the **test split**, which training, probe fitting and model selection never saw.")
+    out.append("")
+    splits = info["splits"]
+    out.append(md_table(["split", "materials", *info["modalities"]],
+                        [[s, splits[s]["materials"], *(splits[s].get(m, 0) for m in info["modalities"])]
+                         for s in ("train", "val", "test")]))
+    out.append("")
+    out.append(f"Reproduce: `{info['command']}`")
+    out.append("")
+
+    probes = metrics.get("probes")
+    if probes is not None:
+        out += ["## Property probes (regression)", "",
+                "Ridge (penalty chosen on val) and a one-hidden-layer MLP fitted on the train split's frozen "
+                "embeddings, scored on test; the dummy predicts the train mean. Supervised baselines, where run, "
+                "are trained on the same split with the same encoders and scored on the same test materials "
+                "that have their inputs.", ""]
+        for prop in probes["regression"]:
+            out += [f"### {prop}", "", md_table(["model", "embedding / input", "MAE", "RMSE", "R²", "n test"],
+                                                regression_rows(metrics, prop)), ""]
+        out += ["## Classification probes", ""]
+        for task, source in probes.get("label_sources", {}).items():
+            if task in probes["classification"]:
+                out += [f"### {task} (labels: {source})", "",
+                        md_table(["model", "embedding", "accuracy", "macro F1", "ROC AUC", "n test"],
+                                 classification_rows(metrics, task)), ""]
+        if probes["skipped"]:
+            out += ["Probes not run: " + "; ".join(f"{s['target']} on {s['table']} ({s['reason']})"
+                                                   for s in probes["skipped"]) + ".", ""]
+
+    retrieval = metrics.get("retrieval")
+    if retrieval is not None:
+        out += ["## Cross-modal retrieval (test split)", "",
+                "Each test material with both modalities is a query and a gallery item; Recall@K, MRR and ranks "
+                "count its own match, mAP also counts the gallery materials of the same composition. Chance is "
+                "the expectation under a random ranking of the same gallery.", ""]
+        if retrieval["pairs"]:
+            out += [md_table(retrieval_header(ks), retrieval_rows(metrics, ks)), ""]
+        for s in retrieval["skipped"]:
+            out.append(f"- {s['pair']}: not run ({s['reason']}).")
+        out.append("")
+
+    synthesis = metrics.get("synthesis")
+    if synthesis is not None:
+        out += ["## Synthesis match (test split)", "",
+                "Every recipe linked to a test material is scored against every test material by cosine "
+                "similarity (recipe text embedding vs the material's embedding). ROC AUC of the true pairs against "
+                "all mismatched pairs (random) and against mismatched materials sharing an element with the "
+                "recipe's target (hard); 0.5 is chance.", ""]
+        rows = [[m, s["recipes"], s["materials"], s["true_pairs"], s["auc_random"], s["auc_hard"],
+                 s["hard_negatives"], s["recipe_to_material_recall@1"], s["chance_recall@1"]]
+                for m, s in synthesis["by_modality"].items()]
+        if rows:
+            out += [md_table(["material side", "recipes", "materials", "true pairs", "AUC random", "AUC hard",
+                              "hard negatives", "R@1 recipe->material", "chance R@1"], rows), ""]
+        if synthesis.get("note"):
+            out += [f"Not scored: {synthesis['note']}.", ""]
+
+    baselines = metrics.get("baselines")
+    if baselines is not None:
+        out += ["## Baselines", "", baselines.get("description", ""), ""]
+        rows = verdict_rows(metrics)
+        if rows:
+            out += ["CMMA against the baselines, property by property (test MAE; lower is better). The verdict "
+                    "compares two models fixed in advance, the CMMA MLP probe on the unified embedding and "
+                    "intermediate fusion, which both see every modality:", "",
+                    md_table(["property", "dummy", "CMMA ridge (unified)", "CMMA MLP (unified)",
+                              "best supervised single-modality", "intermediate fusion", "late fusion", "verdict"],
+                             rows), ""]
+        if baselines.get("skipped"):
+            out += ["Baselines not run: " + "; ".join(f"{s['baseline']} for {s['target']} ({s['reason']})"
+                                                      for s in baselines["skipped"]) + ".", ""]
+        if baselines.get("note"):
+            out += [baselines["note"], ""]
+
+    latent = metrics.get("latent")
+    if latent is not None:
+        out += ["## Latent space", ""]
+        out += [latent.get("description", ""), ""]
+        for fig in latent.get("figures", []):
+            out += [f"![{fig}](figures/{fig})", ""]
+        if latent.get("purity"):
+            out += ["Neighbourhood purity (share of each test material's "
+                    f"{latent.get('purity_k')} nearest test neighbours with the same crystal system):", "",
+                    md_table(["embedding", "purity", "chance", "n"],
+                             [[t, s["purity"], s["chance"], s["n"]] for t, s in latent["purity"].items()]), ""]
+        interp = latent.get("interpolation")
+        if interp:
+            out += [f"Interpolation from **{interp['start']['material_id']}** ({interp['start']['formula']}) to "
+                    f"**{interp['end']['material_id']}** ({interp['end']['formula']}), spherical, over all "
+                    "materials' unified embeddings (nearest three at each point):", ""]
+            out += [md_table(["t", "nearest materials (cosine)"],
+                             [[p["t"], ", ".join(f"{n['material_id']} {n['formula']} ({n['similarity']:.2f})"
+                                                 for n in p["nearest"])] for p in interp["path"]]), ""]
+        if latent.get("note"):
+            out += [latent["note"], ""]
+
+    explain = metrics.get("explain")
+    if explain is not None:
+        out += ["## What drives the similarity", "", explain.get("description", ""), ""]
+        for ex in explain.get("examples", []):
+            out += render_explanation(ex)
+        if explain.get("note"):
+            out += [explain["note"], ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_explanation(ex: dict[str, Any], figure_prefix: str = "figures/") -> list[str]:
+    """Markdown lines for one material's attribution (atoms, tokens, XRD regions)."""
+    out = [f"### {ex['material_id']} ({ex['formula']})", ""]
+    for pair in ex["pairs"]:
+        out.append(f"**{pair['pair']}**: cosine similarity {pair['similarity']:.3f}.")
+        out.append("")
+        if "atoms" in pair:
+            out.append("Per-element mean atom contribution (each atom's node embedding, projected into the shared "
+                       f"space, dotted with the {pair['other']} embedding): "
+                       + ", ".join(f"{e} {v:+.3f}" for e, v in pair["elements"].items()) + ".")
+            out.append("")
+        if "tokens" in pair:
+            out.append("Words with the largest gradient x input attribution: "
+                       + ", ".join(f"`{t['token']}` {t['score']:+.3f}" for t in pair["top_tokens"]) + ".")
+            out.append("")
+        if "regions" in pair:
+            out.append("2θ regions with the largest gradient x input attribution: "
+                       + ", ".join(f"{r['start']:.0f}-{r['end']:.0f}° {r['score']:+.3f}" for r in pair["top_regions"]) + ".")
+            out.append("")
+        if pair.get("figure"):
+            out += [f"![{pair['figure']}]({figure_prefix}{pair['figure']})", ""]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- terminal
+
+
+def print_summary(metrics: dict[str, Any], report_path: str) -> None:
+    """Compact rich tables of the headline numbers (probes, retrieval, synthesis) on the console."""
+    ks = metrics["run"]["ks"]
+    probes = metrics.get("probes")
+    if probes and probes["regression"]:
+        table = Table(title="Property probes on the test split: MAE (R²)", title_justify="left")
+        for col in ("property", "n", "dummy", "CMMA ridge, unified", "best CMMA probe", "best supervised baseline"):
+            table.add_column(col, justify="left" if col == "property" else "right")
+        baselines = metrics.get("baselines", {}).get("regression", {})
+        for prop, by_table in probes["regression"].items():
+            first = next(iter(by_table.values()))
+            uni = by_table.get("unified", {}).get("ridge")
+            probes_all = [(s[m], f"{m} {t}") for t, s in by_table.items() for m in ("ridge", "mlp")]
+            best_probe = min(probes_all, key=lambda p: p[0]["mae"])
+            cells = [prop, str(first["n_test"]), fmt(first["dummy"]["mae"]),
+                     f"{fmt(uni['mae'])} ({fmt(uni['r2'], 2)})" if uni else "-",
+                     f"{fmt(best_probe[0]['mae'])} ({fmt(best_probe[0]['r2'], 2)}) {best_probe[1]}"]
+            if baselines.get(prop):
+                name, s = min(baselines[prop].items(), key=lambda kv: kv[1]["mae"])
+                cells.append(f"{fmt(s['mae'])} ({fmt(s['r2'], 2)}) {name}")
+            else:
+                cells.append("-")
+            table.add_row(*cells)
+        console.print(table)
+    if probes and probes["classification"]:
+        table = Table(title="Classification probes on the test split (logistic, unified: accuracy / macro F1 / AUC)",
+                      title_justify="left")
+        for col in ("task", "dummy acc", "accuracy", "macro F1", "ROC AUC", "n"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+        for task, by_table in probes["classification"].items():
+            s = by_table.get("unified") or next(iter(by_table.values()))
+            table.add_row(task, fmt(s["dummy"]["accuracy"]), fmt(s["logistic"]["accuracy"]),
+                          fmt(s["logistic"]["macro_f1"]), fmt(s["logistic"]["roc_auc"]), str(s["n_test"]))
+        console.print(table)
+    retrieval = metrics.get("retrieval")
+    if retrieval and retrieval["pairs"]:
+        table = Table(title="Cross-modal retrieval on the test split (value / chance)", title_justify="left")
+        table.add_column("pair")
+        table.add_column("n", justify="right")
+        for k in ks:
+            table.add_column(f"R@{k}", justify="right")
+        table.add_column("MRR", justify="right")
+        table.add_column("median rank", justify="right")
+        for pair, s in retrieval["pairs"].items():
+            table.add_row(pair, str(s["queries"]), *(f"{s[f'recall@{k}']:.3f} / {s[f'chance_recall@{k}']:.3f}" for k in ks),
+                          f"{s['mrr']:.3f} / {s['chance_mrr']:.3f}", f"{s['median_rank']:.0f} / {s['chance_median_rank']:.0f}")
+        console.print(table)
+    synthesis = metrics.get("synthesis")
+    if synthesis and synthesis["by_modality"]:
+        table = Table(title="Synthesis match on the test split (ROC AUC; 0.5 is chance)", title_justify="left")
+        for col in ("material side", "recipes", "true pairs", "AUC random", "AUC hard"):
+            table.add_column(col, justify="left" if col == "material side" else "right")
+        for m, s in synthesis["by_modality"].items():
+            table.add_row(m, str(s["recipes"]), str(s["true_pairs"]), fmt(s["auc_random"]), fmt(s["auc_hard"]))
+        console.print(table)
+    latent = metrics.get("latent")
+    if latent and latent.get("purity"):
+        parts = ", ".join(f"{t} {s['purity']:.3f} (chance {s['chance']:.3f})" for t, s in latent["purity"].items())
+        console.print(f"Crystal-system neighbourhood purity: {parts}.", highlight=False)
+    console.print(f"Report: {report_path}", highlight=False)
