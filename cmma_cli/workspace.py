@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -167,7 +167,7 @@ def write_manifest(
         "config_hash": config_hash(config),
         "inputs": {_input_key(p): manifest_hash(p) for p in inputs},
         "rows": rows or {},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
     }
     if extra:
         manifest.update(extra)
