@@ -15,6 +15,7 @@ A modality turns columns of ``processed/materials.parquet`` into model inputs in
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,27 +42,27 @@ class Prepared:
     present: np.ndarray
 
 
-class Modality:
+class Modality(ABC):
     """Base class of a modality; subclasses are registered in :mod:`cmma_cli.modalities`."""
 
     name: str = ""
     columns: tuple[str, ...] = ()  # the processed columns it reads
 
+    @abstractmethod
     def spec(self, cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
         """The facts its encoder is built from (JSON-able); ``table`` is the training table, when there is one."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> Prepared:
         """This modality's data for every row of ``table``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def collate(self, data: Prepared, rows: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         """Inputs of ``rows`` (which all have the modality); ``rng`` is None for deterministic evaluation."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encoder(self, spec: dict[str, Any]) -> nn.Module:
         """A fresh encoder with an ``out_dim`` attribute, mapping collated inputs to ``(rows, out_dim)``."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------------ arrow helpers
