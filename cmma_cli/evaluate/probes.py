@@ -147,31 +147,32 @@ def fit_classification(parts: dict[str, Part], seed: int = 0, hidden: int = 128)
     return scores
 
 
+#: Binary tasks: (flag column used as is, value column thresholded when the flag is absent, its unit).
+BINARY_TASKS = {"stable": ("is_stable", "energy_above_hull", "eV/atom"), "metal": ("is_metal", "band_gap", "eV")}
+
+
+def _nullable(series: pd.Series, convert) -> pd.Series:
+    """``convert`` applied to the known values; nulls stay None (object dtype)."""
+    return series.map(lambda v: None if pd.isna(v) else convert(v)).astype(object)
+
+
 def classification_labels(materials: pd.DataFrame, task: str, hull_threshold: float, gap_threshold: float
                           ) -> tuple[pd.Series | None, str]:
     """The labels of a classification task (object Series, nulls where unknown) and where they come from."""
     def has(col: str) -> bool:
         return col in materials and materials[col].notna().any()
 
-    if task == "stable":
-        if has("is_stable"):
-            return materials["is_stable"].map(lambda v: None if pd.isna(v) else bool(v)).astype(object), "is_stable"
-        if has("energy_above_hull"):
-            e = materials["energy_above_hull"]
-            return e.map(lambda v: None if pd.isna(v) else bool(v <= hull_threshold)).astype(object), \
-                f"energy_above_hull <= {hull_threshold} eV/atom"
-        return None, "no is_stable or energy_above_hull values"
-    if task == "metal":
-        if has("is_metal"):
-            return materials["is_metal"].map(lambda v: None if pd.isna(v) else bool(v)).astype(object), "is_metal"
-        if has("band_gap"):
-            g = materials["band_gap"]
-            return g.map(lambda v: None if pd.isna(v) else bool(v <= gap_threshold)).astype(object), \
-                f"band_gap <= {gap_threshold} eV"
-        return None, "no is_metal or band_gap values"
+    if task in BINARY_TASKS:
+        flag, value, unit = BINARY_TASKS[task]
+        threshold = hull_threshold if task == "stable" else gap_threshold
+        if has(flag):
+            return _nullable(materials[flag], bool), flag
+        if has(value):
+            return _nullable(materials[value], lambda v: bool(v <= threshold)), f"{value} <= {threshold} {unit}"
+        return None, f"no {flag} or {value} values"
     if task == "crystal_system":
         if has("crystal_system"):
-            return materials["crystal_system"].map(lambda v: None if pd.isna(v) else str(v)).astype(object), "crystal_system"
+            return _nullable(materials["crystal_system"], str), "crystal_system"
         return None, "no crystal_system values"
     raise ValueError(f"unknown classification task {task!r}")
 
