@@ -165,7 +165,8 @@ class EvaluateConfig:
     baseline_epochs: int = 40  # epochs of each supervised baseline model
     baseline_batch_size: int = 64
     baseline_lr: float = 1e-3
-    baseline_properties: list[str] = field(default_factory=list)  # properties the baselines train on (empty: all probed)
+    baseline_properties: list[str] = field(default_factory=list)  # properties the baselines train on (empty: all probed; none: no property)
+    baseline_tasks: list[str] = field(default_factory=list)  # classification tasks the baselines train on: stable, metal, crystal_system (empty: all probed; none: no task)
     explain_examples: int = 3  # test materials explained in the report
     xrd_region: float = 5.0  # width (degrees 2-theta) of the XRD attribution regions
     ablation_epochs: int | None = None  # epochs of each ablation training run (None: the evaluated run's)

@@ -320,7 +320,7 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
         out, STAGE, config, inputs=inputs, rows=counts,
         extra={
             "run": run,
-            "checkpoint": {"path": str(checkpoint), "name": cfg.checkpoint if cfg.checkpoint in CHECKPOINTS else "path",
+            "checkpoint": {"path": ws.portable(checkpoint), "name": cfg.checkpoint if cfg.checkpoint in CHECKPOINTS else "path",
                            "epoch": encoder.checkpoint.get("epoch"), "sha256": config["checkpoint_sha256"],
                            "size": checkpoint.stat().st_size, "mtime_ns": checkpoint.stat().st_mtime_ns},
             "dim": encoder.dim,

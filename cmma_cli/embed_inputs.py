@@ -312,7 +312,7 @@ def embed_inputs(ws: Workspace, cfg: EmbedConfig, paths: list[str | Path], out: 
     manifest = write_manifest(
         out, STAGE, {"run": run, "checkpoint": str(checkpoint), "inputs": [str(Path(p).resolve()) for p in paths]},
         inputs=[ws.processed], rows={**counts, "rejects": len(rejects)},
-        extra={"run": run, "checkpoint": {"path": str(checkpoint), "epoch": encoder.checkpoint.get("epoch")},
+        extra={"run": run, "checkpoint": {"path": ws.portable(checkpoint), "epoch": encoder.checkpoint.get("epoch")},
                "dim": encoder.dim, "modalities": sorted(parts), "counts": counts, "seconds": round(seconds, 2)},
     )
     detail = ", ".join(f"{v} {k}" for k, v in counts.items())

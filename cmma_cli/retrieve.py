@@ -257,7 +257,7 @@ class Retriever:
             from cmma_cli.encode import Encoder
 
             facts = self.manifest["checkpoint"]
-            path = Path(facts["path"])
+            path = self.ws.locate(facts["path"])
             again = f"run `cmma embed --run {self.run} --force` so the queries and the index come from one model"
             if not path.is_file():
                 raise CMMAError(f"The checkpoint {path} that made these embeddings is gone: {again}.")

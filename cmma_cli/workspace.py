@@ -84,6 +84,19 @@ class Workspace:
     def reports_dir(self, run: str) -> Path:
         return self.root / "reports" / run
 
+    def portable(self, path: Path) -> str:
+        """``path`` as manifests record it: relative to the root when inside it (a moved workspace still works)."""
+        path = Path(path).resolve()
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def locate(self, recorded: str) -> Path:
+        """The absolute path of a path a manifest recorded with :meth:`portable` (absolute ones as they are)."""
+        path = Path(recorded)
+        return path if path.is_absolute() else self.root / path
+
 
 # --------------------------------------------------------------------------------------------- tables
 

@@ -40,10 +40,9 @@ KINDS = ("temperature", "dim", "modalities", "missing", "encoder")
 
 def base_config(data: EvalData) -> TrainConfig:
     """The training config of the run that made the evaluated embeddings."""
-    path = data.manifest.get("checkpoint", {}).get("path")
-    if not path:
+    if data.checkpoint is None:
         raise CMMAError(f"The embeddings of run {data.run} name no checkpoint: run `cmma embed --run {data.run} --force`.")
-    config = read_checkpoint(path)["config"]
+    config = read_checkpoint(data.checkpoint)["config"]
     known = set(TrainConfig.__dataclass_fields__)
     return TrainConfig(**{k: v for k, v in config.items() if k in known})
 

@@ -54,6 +54,7 @@ class EvalData:
     manifest: dict[str, Any]
     processed_manifest: dict[str, Any]
     numeric_properties: list[str] = field(default_factory=list)
+    checkpoint: Path | None = None  # the checkpoint that made the embeddings (None: the manifest names none)
 
     def split_ids(self, split: str) -> np.ndarray:
         """The material ids of one split (train | val | test)."""
@@ -119,5 +120,6 @@ def load_eval_data(ws: Workspace, run: str) -> EvalData:
         synthesis_vectors = _vectors(frame, path)
         synthesis = frame[["recipe_id", "material_id"]].astype(str).reset_index(drop=True)
     candidates = list(processed.get("properties", [])) or [c for c in materials.columns]
+    recorded = manifest.get("checkpoint", {}).get("path")
     return EvalData(run, materials.reset_index(drop=True), tables, synthesis, synthesis_vectors, manifest,
-                    processed, numeric_properties(materials, candidates))
+                    processed, numeric_properties(materials, candidates), ws.locate(recorded) if recorded else None)

@@ -217,10 +217,9 @@ def safe_filename(name: str) -> str:
 
 def load_explain_model(data: EvalData, device: str = "cpu") -> CMMAModel:
     """The run's model (the checkpoint its embeddings were made with)."""
-    path = data.manifest.get("checkpoint", {}).get("path")
-    if not path:
+    if data.checkpoint is None:
         raise CMMAError(f"The embeddings of run {data.run} name no checkpoint: run `cmma embed --run {data.run} --force`.")
-    model, _ = load_model(Path(path), device)
+    model, _ = load_model(data.checkpoint, device)
     if "structure" not in model.modalities:
         raise CMMAError(f"Run {data.run} has no structure encoder, so there are no atoms to attribute.")
     return model

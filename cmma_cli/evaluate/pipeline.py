@@ -17,6 +17,7 @@ from cmma_cli.config import EvaluateConfig, as_dict
 from cmma_cli.console import console, progress
 from cmma_cli.errors import CMMAError
 from cmma_cli.evaluate.data import EvalData, load_eval_data
+from cmma_cli.evaluate.probes import CLASSIFICATION_TASKS
 from cmma_cli.evaluate.report import print_summary, render_markdown
 from cmma_cli.workspace import (MANIFEST, Workspace, begin_stage, is_up_to_date, write_json,
                                 write_manifest)
@@ -39,6 +40,10 @@ def check_config(cfg: EvaluateConfig) -> None:
     for name in ("min_train", "min_test", "purity_k", "probe_hidden", "baseline_epochs", "baseline_batch_size"):
         if getattr(cfg, name) < 1:
             raise CMMAError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}.")
+    unknown_tasks = sorted(set(cfg.baseline_tasks) - set(CLASSIFICATION_TASKS) - {"none"})
+    if unknown_tasks:
+        raise CMMAError(f"--baseline-tasks names {', '.join(unknown_tasks)}: choose from {', '.join(CLASSIFICATION_TASKS)}, "
+                        "or none.")
     if cfg.interpolation_steps < 2:
         raise CMMAError(f"--interpolation-steps must be at least 2, not {cfg.interpolation_steps}.")
     if cfg.explain_examples < 0 or cfg.xrd_region <= 0:
@@ -108,7 +113,7 @@ def run_evaluate(ws: Workspace, cfg: EvaluateConfig, force: bool = False) -> dic
 
     started = time.perf_counter()
     data = load_eval_data(ws, run)
-    unknown = sorted(set(cfg.baseline_properties) - set(data.numeric_properties))
+    unknown = sorted(set(cfg.baseline_properties) - set(data.numeric_properties) - {"none"})
     if unknown:
         raise CMMAError(f"--baseline-properties names {', '.join(unknown)}, which the processed data does not have as "
                         f"numbers: choose from {', '.join(data.numeric_properties)}.")

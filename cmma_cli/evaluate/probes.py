@@ -63,10 +63,14 @@ def split_parts(data: EvalData, table: str, target: pd.Series) -> dict[str, Part
 
 
 def _quiet(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without sklearn's convergence and scipy's ill-conditioning warnings: the validation
+    split judges the fit, and a wall of warnings on the terminal would hide the progress bar."""
+    from scipy.linalg import LinAlgWarning
     from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", LinAlgWarning)
         return fn(*args, **kwargs)
 
 
@@ -88,11 +92,11 @@ def fit_regression(parts: dict[str, Part], seed: int = 0, hidden: int = 128) -> 
 
     alpha = 1.0
     if len(val) >= 3:
-        errors = [M.mae(val.y, Ridge(alpha=a).fit(Xtr, z).predict(Xva) * sd + mu) for a in RIDGE_ALPHAS]
+        errors = [M.mae(val.y, _quiet(Ridge(alpha=a).fit, Xtr, z).predict(Xva) * sd + mu) for a in RIDGE_ALPHAS]
         alpha = RIDGE_ALPHAS[int(np.argmin(errors))]
     preds = {
         "dummy": np.full(len(test), mu),
-        "ridge": Ridge(alpha=alpha).fit(Xtr, z).predict(Xte) * sd + mu,
+        "ridge": _quiet(Ridge(alpha=alpha).fit, Xtr, z).predict(Xte) * sd + mu,
     }
     mlp = MLPRegressor(hidden_layer_sizes=(hidden,), alpha=1e-3, learning_rate_init=1e-3, max_iter=400,
                        early_stopping=len(train) >= 50, n_iter_no_change=20, random_state=seed)
@@ -107,7 +111,8 @@ def fit_regression(parts: dict[str, Part], seed: int = 0, hidden: int = 128) -> 
 # -------------------------------------------------------------------------------------- classification
 
 
-def _class_scores(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, classes: list) -> dict[str, float]:
+def classification_scores(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, classes: list) -> dict[str, float]:
+    """Accuracy, macro F1 and ROC AUC (one-vs-rest macro over ``classes``, the columns of ``proba``)."""
     if len(classes) == 2:
         auc = M.roc_auc(y == classes[1], proba[:, 1])
     else:
@@ -137,13 +142,13 @@ def fit_classification(parts: dict[str, Part], seed: int = 0, hidden: int = 128)
     prior = np.array([counts.get(c, 0) / len(train) for c in classes])
     scores: dict[str, Any] = {"n_train": len(train), "n_val": len(val), "n_test": len(test),
                               "classes": [str(c) for c in classes]}
-    scores["dummy"] = _class_scores(test.y, np.full(len(test), majority, dtype=object), np.tile(prior, (len(test), 1)), classes)
+    scores["dummy"] = classification_scores(test.y, np.full(len(test), majority, dtype=object), np.tile(prior, (len(test), 1)), classes)
     logistic = _quiet(LogisticRegression(C=C, max_iter=2000).fit, Xtr, train.y)
-    scores["logistic"] = _class_scores(test.y, logistic.predict(Xte), logistic.predict_proba(Xte), classes)
+    scores["logistic"] = classification_scores(test.y, logistic.predict(Xte), logistic.predict_proba(Xte), classes)
     scores["logistic"]["C"] = C
     mlp = _quiet(MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=400, random_state=seed,
                                early_stopping=len(train) >= 50 and counts.min() >= 5, n_iter_no_change=20).fit, Xtr, train.y)
-    scores["mlp"] = _class_scores(test.y, mlp.predict(Xte), mlp.predict_proba(Xte), classes)
+    scores["mlp"] = classification_scores(test.y, mlp.predict(Xte), mlp.predict_proba(Xte), classes)
     return scores
 
 

@@ -69,30 +69,45 @@ def classification_rows(metrics: dict[str, Any], task: str) -> list[list[Any]]:
         for model in ("logistic", "mlp"):
             s = scores[model]
             rows.append([f"CMMA {model} probe", table, s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
+    for name, s in metrics.get("baselines", {}).get("classification", {}).get(task, {}).items():
+        rows.append([f"supervised {name}", s.get("inputs", "-"), s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
     return rows
 
 
-def verdict_rows(metrics: dict[str, Any]) -> list[list[Any]]:
-    """Per property: dummy, CMMA's unified probes, the supervised baselines, and a verdict fixed in advance:
-    the CMMA MLP probe on the unified embedding against intermediate fusion (both see every modality)."""
+#: Per kind of target: the probe section, the metric the verdict compares, whether lower is better, the linear probe.
+VERDICTS = {"regression": ("mae", True, "ridge"), "classification": ("macro_f1", False, "logistic")}
+
+
+def verdict_rows(metrics: dict[str, Any], kind: str = "regression") -> list[list[Any]]:
+    """Per target: dummy, CMMA's unified probes, the supervised baselines, and a verdict fixed in advance:
+    the CMMA MLP probe on the unified embedding against intermediate fusion (both see every modality).
+    ``kind``: ``regression`` (test MAE) or ``classification`` (test macro F1)."""
+    key, lower, linear = VERDICTS[kind]
+    pick = min if lower else max
     rows = []
-    probes = metrics.get("probes", {}).get("regression", {})
-    baselines = metrics.get("baselines", {}).get("regression", {})
-    for prop, by_table in probes.items():
-        base = baselines.get(prop, {})
+    probes = metrics.get("probes", {}).get(kind, {})
+    baselines = metrics.get("baselines", {}).get(kind, {})
+    for target, by_table in probes.items():
+        base = baselines.get(target, {})
         uni = by_table.get("unified")
         if not base or uni is None:
             continue
         single = {k: v for k, v in base.items() if k not in ("intermediate fusion", "late fusion")}
-        best_single = min(single.items(), key=lambda kv: kv[1]["mae"]) if single else None
+        best_single = pick(single.items(), key=lambda kv: kv[1][key]) if single else None
         fusion = base.get("intermediate fusion")
         verdict = "-"
         if fusion:
-            gap = (uni["mlp"]["mae"] - fusion["mae"]) / fusion["mae"] if fusion["mae"] else 0.0
-            verdict = f"CMMA better by {-gap:.0%}" if gap < 0 else f"fusion better by {gap:.0%}"
-        rows.append([prop, uni["dummy"]["mae"], uni["ridge"]["mae"], uni["mlp"]["mae"],
-                     f"{fmt(best_single[1]['mae'])} ({best_single[0]})" if best_single else "-",
-                     fusion["mae"] if fusion else None, base.get("late fusion", {}).get("mae"), verdict])
+            ours, theirs = uni["mlp"][key], fusion[key]
+            if ours == theirs:
+                verdict = "tie"
+            elif kind == "regression":
+                gap = (ours - theirs) / theirs if theirs else 0.0
+                verdict = f"CMMA better by {-gap:.0%}" if gap < 0 else f"fusion better by {gap:.0%}"
+            else:
+                verdict = f"CMMA better by {ours - theirs:.3f}" if ours > theirs else f"fusion better by {theirs - ours:.3f}"
+        rows.append([target, uni["dummy"][key], uni[linear][key], uni["mlp"][key],
+                     f"{fmt(best_single[1][key])} ({best_single[0]})" if best_single else "-",
+                     fusion[key] if fusion else None, base.get("late fusion", {}).get(key), verdict])
     return rows
 
 
@@ -186,12 +201,19 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     baselines = metrics.get("baselines")
     if baselines is not None:
         out += ["## Baselines", "", baselines.get("description", ""), ""]
-        rows = verdict_rows(metrics)
+        rows = verdict_rows(metrics, "regression")
         if rows:
             out += ["CMMA against the baselines, property by property (test MAE; lower is better). The verdict "
                     "compares two models fixed in advance, the CMMA MLP probe on the unified embedding and "
                     "intermediate fusion, which both see every modality:", "",
                     md_table(["property", "dummy", "CMMA ridge (unified)", "CMMA MLP (unified)",
+                              "best supervised single-modality", "intermediate fusion", "late fusion", "verdict"],
+                             rows), ""]
+        rows = verdict_rows(metrics, "classification")
+        if rows:
+            out += ["The same for the classification tasks (test macro F1; higher is better; the verdict again "
+                    "compares the CMMA MLP probe on the unified embedding with intermediate fusion):", "",
+                    md_table(["task", "dummy", "CMMA logistic (unified)", "CMMA MLP (unified)",
                               "best supervised single-modality", "intermediate fusion", "late fusion", "verdict"],
                              rows), ""]
         if baselines.get("skipped"):
@@ -286,12 +308,17 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
     if probes and probes["classification"]:
         table = Table(title="Classification probes on the test split (logistic, unified: accuracy / macro F1 / AUC)",
                       title_justify="left")
-        for col in ("task", "dummy acc", "accuracy", "macro F1", "ROC AUC", "n"):
+        for col in ("task", "dummy acc", "accuracy", "macro F1", "ROC AUC", "n", "best supervised (F1)"):
             table.add_column(col, justify="left" if col == "task" else "right")
+        baselines = metrics.get("baselines", {}).get("classification", {})
         for task, by_table in probes["classification"].items():
             s = by_table.get("unified") or next(iter(by_table.values()))
+            best = "-"
+            if baselines.get(task):
+                name, b = max(baselines[task].items(), key=lambda kv: kv[1]["macro_f1"])
+                best = f"{fmt(b['macro_f1'])} {name}"
             table.add_row(task, fmt(s["dummy"]["accuracy"]), fmt(s["logistic"]["accuracy"]),
-                          fmt(s["logistic"]["macro_f1"]), fmt(s["logistic"]["roc_auc"]), str(s["n_test"]))
+                          fmt(s["logistic"]["macro_f1"]), fmt(s["logistic"]["roc_auc"]), str(s["n_test"]), best)
         console.print(table)
     retrieval = metrics.get("retrieval")
     if retrieval and retrieval["pairs"]:
