@@ -198,7 +198,8 @@ def train(
 @with_config(EvaluateConfig, "evaluate")
 def evaluate(
     ablation: Annotated[Optional[str], typer.Option(help="Run an ablation instead of the report: temperature | dim | "
-                                                         "modalities | missing | encoder.", show_default=False)] = None,
+                                                         "modalities | missing | encoder | loss.",
+                                                    show_default=False)] = None,
     explain: Annotated[Optional[str], typer.Option(help="Explain one material: what drives the similarity of its "
                                                         "structure to its text and XRD embeddings.",
                                                    show_default=False)] = None,

@@ -86,6 +86,9 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: ["structure", "text", "xrd"])  # structure|text|xrd|image
     pairs: str = "all"  # modality pairs in the loss: all | anchor:<modality> | a-b,c-d
     in_modality_negatives: bool = False  # also contrast against other samples of the anchor's own modality
+    objective: str = "contrastive"  # contrastive | predict (properties only, no alignment) | contrastive+predict
+    predict_properties: list[str] = field(default_factory=list)  # properties the predict objective regresses (empty: every numeric one of processed/)
+    predict_weight: float = 1.0  # weight of the property loss beside the contrastive one, for contrastive+predict
     epochs: int = 30  # passes over the train split
     batch_size: int = 128  # materials per process and step (negatives grow with the number of processes)
     lr: float = 1e-3  # peak AdamW learning rate (encoders other than text, heads, temperature)
@@ -118,6 +121,11 @@ class TrainConfig:
     seed: int = 0  # seeds the initialisation, batch order, text sampling, augmentation and dropout
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     workers: int | None = None  # data-loader processes per rank (None: 4 on GPU, 0 on CPU); does not change results
+
+    @property
+    def predicts(self) -> bool:
+        """Whether the objective regresses properties (predict or contrastive+predict)."""
+        return "predict" in self.objective.split("+")
 
 
 @dataclass

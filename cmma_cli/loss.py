@@ -17,6 +17,9 @@ positions of the rank's valid samples within the pair's global list of valid sam
 the number of valid samples held by earlier ranks (not at ``batch_size * rank``: masks make the
 offsets uneven). See :meth:`MultiModalInfoNCE.forward` for how the reported value and the gradients are
 made to match a single process exactly.
+
+:func:`property_loss` is the objective of ``--objective predict``: the masked mean squared error of the
+property head's predictions against standardised targets (local to each rank: DDP averages its gradients).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import Tensor
 
 from cmma_cli.errors import CMMAError
 
-__all__ = ["MultiModalInfoNCE", "gather_with_grad", "pair_name", "parse_pairs"]
+__all__ = ["MultiModalInfoNCE", "gather_with_grad", "pair_name", "parse_pairs", "property_loss"]
 
 
 def pair_name(a: str, b: str) -> str:
@@ -408,3 +411,30 @@ class MultiModalInfoNCE(torch.nn.Module):
             own[self._labels(0, hi - lo, own.device), labels] = True
             logits = torch.cat([logits, same.masked_fill(own, float("-inf"))], dim=1)
         return F.cross_entropy(logits, labels, reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------------
+# The property loss
+# --------------------------------------------------------------------------------------------------
+
+
+def property_loss(predictions: dict[str, Tensor], masks: dict[str, Tensor], targets: Tensor) -> Tensor:
+    """Mean over modalities of the MSE of ``predictions[m]`` against ``targets`` on the known entries.
+
+    ``predictions[m]``: ``(B, P)`` for each modality of the batch; ``masks[m]``: ``(B,)`` bool, which rows
+    have ``m``; ``targets``: ``(B, P)`` standardised properties, NaN where unknown. A modality counts when
+    some row that has it has some known property; with none, the result is an exact 0 that is still part
+    of the autograd graph (zero gradients, never NaN). Computed in float32.
+    """
+    known_targets = ~torch.isnan(targets)
+    clean = torch.nan_to_num(targets.float())
+    losses = []
+    for m, pred in predictions.items():
+        known = known_targets & masks[m].to(torch.bool).unsqueeze(1)
+        n = int(known.sum())
+        if n:
+            err = torch.where(known, pred.float() - clean, torch.zeros_like(clean))
+            losses.append(err.pow(2).sum() / n)
+    if not losses:
+        return _graph_zero(*predictions.values()) if predictions else clean.sum() * 0.0
+    return torch.stack(losses).mean()

@@ -6,6 +6,11 @@ The logit scale ``s = exp(t)`` is learnt as in CLIP: ``t`` starts at ``log(1 / 0
 so ``s`` never exceeds 100. A model is fully described by its *spec* (a JSON-able dict: modalities,
 dimensions and each encoder's facts), which checkpoints store next to the weights, so
 :func:`load_model` rebuilds it without the processed data (what ``cmma embed`` needs).
+
+With a predict objective (``cmma train --objective predict``) the model also has a property head, one
+linear map shared by every modality, ``y_k = W (sqrt(d) z_k) + b``, predicting the standardised
+properties the spec lists (``spec["predict"]``: names, train-split mean and std; a spec without it has
+no head). The embeddings stay the normalised projections ``z_k`` whatever the objective.
 """
 
 from __future__ import annotations
@@ -45,7 +50,40 @@ def model_spec(cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]
         "temperature": cfg.temperature,
         "learn_temperature": cfg.learn_temperature,
         "encoders": {m: get_modality(m).spec(cfg, table, ctx) for m in cfg.modalities},
+        **({"predict": predict_spec(cfg, table, ctx)} if cfg.predicts else {}),
     }
+
+
+def predict_spec(cfg: Any, table: pa.Table, ctx: Context) -> dict[str, Any]:
+    """The property head's targets: ``{"properties", "mean", "std"}`` measured on the train ``table``.
+
+    The candidates are the processed manifest's properties that :func:`~cmma_cli.properties.numeric_properties`
+    regresses and that some row of ``table`` has a number for; ``cfg.predict_properties`` picks among them
+    (empty: all). A property with a single value or no spread gets std 1.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from cmma_cli.properties import numeric_properties
+
+    candidates = [c for c in ctx.processed_manifest.get("properties", []) if c in table.column_names]
+    frame = table.select(candidates).to_pandas()
+    values = {}
+    for p in numeric_properties(frame, candidates):
+        v = pd.to_numeric(frame[p], errors="coerce").to_numpy(np.float64)
+        values[p] = v[np.isfinite(v)]
+    available = [p for p, v in values.items() if len(v)]
+    if not available:
+        raise CMMAError(f"--objective {cfg.objective} needs a numeric property with values in the train split and "
+                        "the processed data has none: train with --objective contrastive.")
+    wanted = list(dict.fromkeys(cfg.predict_properties)) or available
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise CMMAError(f"--predict-properties names {', '.join(missing)}, which no train material of the processed "
+                        f"data has a number for: choose from {', '.join(available)}.")
+    std = [float(values[p].std()) for p in wanted]
+    return {"properties": wanted, "mean": [float(values[p].mean()) for p in wanted],
+            "std": [s if s > 0 else 1.0 for s in std]}
 
 
 class ProjectionHead(nn.Module):
@@ -60,7 +98,7 @@ class ProjectionHead(nn.Module):
 
 
 class CMMAModel(nn.Module):
-    """Encoders + projection heads + the learnable logit scale, built from a spec."""
+    """Encoders + projection heads + the learnable logit scale (+ the property head), built from a spec."""
 
     def __init__(self, spec: dict[str, Any]):
         super().__init__()
@@ -73,24 +111,39 @@ class CMMAModel(nn.Module):
         )
         init = torch.tensor(math.log(1.0 / spec["temperature"]), dtype=torch.float32)
         self.logit_scale = nn.Parameter(init, requires_grad=bool(spec["learn_temperature"]))
+        # z is a unit vector (components ~ 1/sqrt(d)): the fixed factor sqrt(d) gives the head inputs of unit
+        # scale, as nn.Linear's init and the learning rate assume, so it reaches standardised targets (std 1)
+        # in few steps without large weights, and d does not change how fast it learns
+        self.properties: list[str] = list(spec["predict"]["properties"]) if "predict" in spec else []
+        self.predictor = nn.Linear(self.embed_dim, len(self.properties)) if self.properties else None
 
     def embed(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised float32 embeddings ``(rows, d)`` of one modality's collated inputs."""
         h = self.heads[modality](self.encoders[modality](inputs))
         return F.normalize(h.float(), dim=-1)
 
-    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], masks: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward(self, inputs: dict[str, dict[str, torch.Tensor]], masks: dict[str, torch.Tensor],
+                with_predictions: bool = False) -> tuple:
         """``({modality: (B, d)}, logit scale)`` for every modality in ``inputs``; rows whose mask is False are zero.
 
         The scale is returned from ``forward`` (as CLIP does) so DDP sees the temperature as used.
+        ``with_predictions`` (a model with a property head): a third item, ``{modality: (B, P)}`` standardised
+        property predictions from each modality's embedding (computed here, so DDP sees the head as used).
         """
         out = {}
         for m, x in inputs.items():
             z = self.embed(m, x)
             full = z.new_zeros(masks[m].shape[0], self.embed_dim)
             out[m] = full.index_put((masks[m],), z)
-        return out, self.scale()
+        if not with_predictions:
+            return out, self.scale()
+        return out, self.scale(), {m: self.predict(z) for m, z in out.items()}
+
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardised property predictions ``(rows, P)`` from normalised embeddings ``z`` (needs the head)."""
+        if self.predictor is None:
+            raise CMMAError("This model was trained without a property head: train with --objective predict.")
+        return self.predictor(z.float() * math.sqrt(self.embed_dim))
 
     def scale(self) -> torch.Tensor:
         """The logit scale ``s = exp(t)``, at most 100."""
@@ -136,6 +189,9 @@ def spec_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     for key in ("embed_dim", "proj_hidden"):
         if saved[key] != wanted[key]:
             diffs.append(f"{key} {saved[key]} -> {wanted[key]}")
+    heads = [(spec.get("predict") or {}).get("properties", []) for spec in (saved, wanted)]
+    if heads[0] != heads[1]:
+        diffs.append(f"predicted properties {','.join(heads[0]) or '(none)'} -> {','.join(heads[1]) or '(none)'}")
     for m in set(saved["modalities"]) & set(wanted["modalities"]):
         a, b = saved["encoders"][m], wanted["encoders"][m]
         for key in sorted((set(a) | set(b)) - DERIVED_KEYS):

@@ -1,5 +1,11 @@
 """``cmma train``: contrastive training of the modality encoders on ``processed/``.
 
+Objectives (``--objective``): ``contrastive`` (the multi-modal InfoNCE of :mod:`cmma_cli.loss`),
+``predict`` (no alignment: a property head shared by the modalities regresses standardised numeric
+properties from each modality's embedding, masked MSE) and ``contrastive+predict`` (the sum, the property
+loss weighted by ``predict_weight``). ``val_loss`` is always the objective's loss, so ``best.pt`` follows
+it; ``train_predict`` / ``val_predict`` are the property MSEs, and val R@1 is reported for every objective.
+
 One readable loop (in the spirit of nanoGPT's ``train.py``): AdamW with linear warm-up and cosine
 decay, gradient clipping, bf16 autocast on a GPU, a checkpoint every epoch (model, optimizer,
 scheduler, epoch, config, model spec), validation loss and cross-modal retrieval R@1 each epoch,
@@ -45,7 +51,7 @@ import torch
 from cmma_cli.config import TrainConfig, as_dict
 from cmma_cli.console import console
 from cmma_cli.errors import CMMAError
-from cmma_cli.loss import MultiModalInfoNCE, pair_name, parse_pairs
+from cmma_cli.loss import MultiModalInfoNCE, pair_name, parse_pairs, property_loss
 from cmma_cli.modalities import check_modalities, get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import BatchDataset, EpochBatches, MaterialSet, to_device
@@ -59,6 +65,7 @@ LOG_EVERY = 5
 DIST_TIMEOUT = datetime.timedelta(hours=4)
 BEST_METRICS = {"val_loss": "min", "val_r1": "max"}
 PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("contrastive", "predict", "contrastive+predict")
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -149,6 +156,13 @@ def _check_config(cfg: TrainConfig) -> TrainConfig:
         raise CMMAError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}.")
     if cfg.workers is not None and cfg.workers < 0:
         raise CMMAError(f"--workers must be 0 or more, not {cfg.workers}.")
+    if cfg.objective not in OBJECTIVES:
+        raise CMMAError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}.")
+    if not (cfg.predict_weight > 0 and math.isfinite(cfg.predict_weight)):
+        raise CMMAError(f"--predict-weight must be a positive number, not {cfg.predict_weight}.")
+    if cfg.predict_properties and not cfg.predicts:
+        raise CMMAError("--predict-properties needs a predict objective: add --objective predict or "
+                        "contrastive+predict, or leave it out.")
     return cfg
 
 
@@ -180,8 +194,10 @@ def make_plan(ws: Workspace, cfg: TrainConfig, run: str | None, resume: str | No
     else:
         run_dir = ws.run_dir(run or time.strftime("%Y%m%d-%H%M%S"))
 
-    # the spec measures the graphs' mean neighbour count; the rest of the data is read by the ranks
-    train_table, _ = read_splits(ws, cfg.modalities, columns=["atomic_numbers", "edge_src"])
+    # the spec measures the graphs' mean neighbour count (and the properties' train mean and std for a
+    # predict objective); the rest of the data is read by the ranks
+    properties = list(manifest.get("properties", [])) if cfg.predicts else []
+    train_table, _ = read_splits(ws, cfg.modalities, columns=["atomic_numbers", "edge_src", *properties])
     ctx = Context(manifest, cache_dir=ws.root / "cache")
     wanted = model_spec(cfg, train_table, ctx)
     spec = wanted
@@ -250,14 +266,15 @@ def _torchrun_main(ws, cfg, run, resume, force, rank: int, world: int, local_ran
 # ------------------------------------------------------------------------------------------- the data
 
 
-def read_splits(ws: Workspace, modalities: list[str], columns: list[str] | None = None) -> tuple[pa.Table, pa.Table]:
-    """The processed train and val rows, with the columns the modalities read (or just ``columns``)."""
+def read_splits(ws: Workspace, modalities: list[str], columns: list[str] | None = None,
+                properties: list[str] = ()) -> tuple[pa.Table, pa.Table]:
+    """The processed train and val rows: the columns the modalities read (or just ``columns``), and ``properties``."""
     path, splits_path = ws.processed / "materials.parquet", ws.processed / "splits.parquet"
     if not path.exists() or not splits_path.exists():
         raise CMMAError(f"{ws.processed} lacks materials.parquet or splits.parquet: run `cmma preprocess --force`.")
     if columns is None:
         columns = [c for m in modalities for c in get_modality(m).columns]
-    columns = list(dict.fromkeys(["material_id", *columns]))
+    columns = list(dict.fromkeys(["material_id", *columns, *properties]))
     available = pq.ParquetFile(path).schema_arrow.names
     table = pq.read_table(path, columns=[c for c in columns if c in available])
     splits = pq.read_table(splits_path, columns=["material_id", "split"])
@@ -296,20 +313,44 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# ---------------------------------------------------------------------------------------- the objective
+
+
+def objective_loss(objective: str, weight: float, loss_fn: MultiModalInfoNCE, features: dict[str, torch.Tensor],
+                   masks: dict[str, torch.Tensor], scale: torch.Tensor, predictions: dict[str, torch.Tensor] | None,
+                   targets: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective's loss and its parts: ``{"a-b": pair loss}`` (contrastive) and ``{"predict": property MSE}``."""
+    if objective == "contrastive":
+        return loss_fn(features, masks, scale)
+    prop = property_loss(predictions, masks, targets)
+    if objective == "predict":
+        # the logit scale stays in the graph (an exact 0: zero gradient, and no weight decay on it), so DDP
+        # sees every parameter used and the temperature keeps its initial value
+        return prop + scale * 0.0, {"predict": prop}
+    total, parts = loss_fn(features, masks, scale)
+    return total + weight * prop, {**parts, "predict": prop}
+
+
 # ----------------------------------------------------------------------------------------- validation
 
 
 @torch.no_grad()
 def evaluate(model, materials: MaterialSet, rows: np.ndarray, batch_size: int, loss_fn: MultiModalInfoNCE,
-             device: torch.device, autocast, rank: int = 0) -> dict[str, float]:
+             device: torch.device, autocast, rank: int = 0, objective: str = "contrastive",
+             predict_weight: float = 1.0) -> dict[str, float]:
     """Validation loss (per pair, in chunks of the global batch size) and retrieval R@1 over all of ``rows``.
 
     Rank 0 computes the features; every rank takes part in the loss's collectives (the others with empty
-    batches), so the value does not depend on the number of ranks. Returns {} where ``rows`` is empty.
+    batches), so the value does not depend on the number of ranks. A model with a property head also gets
+    ``val_predict``, the property MSE over all of ``rows`` (NaN where none has a known property);
+    ``val_loss`` is ``objective``'s loss. Returns {} where ``rows`` is empty.
     """
     if len(rows) == 0:
         return {}
     model.eval()
+    predicting = model.predictor is not None
+    preds: dict[str, list] = {m: [] for m in model.modalities}
+    targets: list[torch.Tensor] = []
     feats: dict[str, list] = {m: [] for m in model.modalities}
     masks: dict[str, list] = {m: [] for m in model.modalities}
     sums = {pair_name(a, b): [0.0, 0] for a, b in loss_fn.pairs}
@@ -317,8 +358,13 @@ def evaluate(model, materials: MaterialSet, rows: np.ndarray, batch_size: int, l
         if rank == 0:
             batch = to_device(materials.collate(chunk), device)
             with autocast:
-                f, scale = model(batch["inputs"], batch["masks"])
+                f, scale, *p = model(batch["inputs"], batch["masks"], with_predictions=predicting)
             m_ = batch["masks"]
+            if predicting:
+                targets.append(batch["targets"].cpu())
+                for m in model.modalities:
+                    absent = torch.zeros(len(chunk), len(model.properties))
+                    preds[m].append(p[0][m].float().cpu() if m in p[0] else absent)
         else:
             f = {m: torch.zeros(0, model.embed_dim, device=device) for m in model.modalities}
             m_ = {m: torch.zeros(0, dtype=torch.bool, device=device) for m in model.modalities}
@@ -338,7 +384,15 @@ def evaluate(model, materials: MaterialSet, rows: np.ndarray, batch_size: int, l
     out: dict[str, float] = {}
     for name, (total, n) in sums.items():
         out[f"val_{name}"] = total / n if n else float("nan")
-    out["val_loss"] = float(np.nansum([out[f"val_{pair_name(a, b)}"] for a, b in loss_fn.pairs]))
+    contrastive = float(np.nansum([out[f"val_{pair_name(a, b)}"] for a, b in loss_fn.pairs]))
+    out["val_loss"] = contrastive
+    if predicting:
+        mask = {m: torch.cat(v) for m, v in masks.items()}
+        t = torch.cat(targets)
+        known = (~torch.isnan(t)).any()
+        mse = float(property_loss({m: torch.cat(v) for m, v in preds.items()}, mask, t)) if known else float("nan")
+        out["val_predict"] = mse
+        out["val_loss"] = mse if objective == "predict" else contrastive + predict_weight * mse
     z = {m: torch.cat(v) for m, v in feats.items()}
     mask = {m: torch.cat(v) for m, v in masks.items()}
     r1, chance = [], []
@@ -438,9 +492,11 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
     ctx = Context(processed, cache_dir=ws.root / "cache", show_progress=master)
 
     # data: rank 0 first (it fills the text cache), then the others
-    train_table, val_table = read_splits(ws, spec["modalities"])
+    predict = spec.get("predict")
+    train_table, val_table = read_splits(ws, spec["modalities"], properties=predict["properties"] if predict else [])
     def prepare() -> dict[str, MaterialSet]:
-        return {"train": MaterialSet(train_table, spec["encoders"], ctx), "val": MaterialSet(val_table, spec["encoders"], ctx)}
+        return {"train": MaterialSet(train_table, spec["encoders"], ctx, predict),
+                "val": MaterialSet(val_table, spec["encoders"], ctx, predict)}
 
     sets = prepare() if master else {}
     _barrier(world)
@@ -506,12 +562,14 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
         console.print(
-            f"Training {','.join(spec['modalities'])} ({', '.join(pair_name(a, b) for a, b in loss_fn.pairs)}) on "
+            f"Training {','.join(spec['modalities'])} ({_describe(cfg, loss_fn, spec)}) on "
             f"{len(train_rows)} train / {len(val_rows)} val materials: {world} x {device.type}, batch {batch_size}"
             f"{' per process' if world > 1 else ''}, {steps_per_epoch} steps/epoch, epochs {start_epoch}-{cfg.epochs}"
             f"{', bf16' if bf16 else ''} -> {run_dir}", highlight=False)
 
-    pairs = [pair_name(a, b) for a, b in loss_fn.pairs]
+    predicting = predict is not None
+    pairs = [pair_name(a, b) for a, b in loss_fn.pairs] if cfg.objective != "predict" else []
+    pairs += ["predict"] if predicting else []  # the parts of the objective logged as train_<part>
     with (_progress() if master else nullcontext()) as bar:
         for epoch in range(start_epoch, cfg.epochs + 1):
             sampler.set_epoch(epoch)
@@ -523,8 +581,9 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
             for batch in loader:
                 batch = to_device(batch, device)
                 with autocast:
-                    features, scale = model(batch["inputs"], batch["masks"])
-                loss, parts = loss_fn(features, batch["masks"], scale)
+                    features, scale, *predictions = model(batch["inputs"], batch["masks"], with_predictions=predicting)
+                loss, parts = objective_loss(cfg.objective, cfg.predict_weight, loss_fn, features, batch["masks"], scale,
+                                             predictions[0] if predicting else None, batch.get("targets"))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -545,8 +604,13 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
                     writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                     writer.add_scalar("train/temperature", temp, step)
             seconds = time.perf_counter() - started
+            if predicting and world > 1:  # the property loss is each rank's own (the pair losses are global): average
+                packed = torch.stack(list(sums.values()))
+                torch.distributed.all_reduce(packed)
+                sums = dict(zip(sums, packed / world))
             sums = {k: float(v) / max(1, steps_per_epoch) for k, v in sums.items()}
-            val = evaluate(raw, sets["val"], val_rows, batch_size * world, loss_fn, device, autocast, rank)
+            val = evaluate(raw, sets["val"], val_rows, batch_size * world, loss_fn, device, autocast, rank,
+                           cfg.objective, cfg.predict_weight)
             if master:
                 row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
                        "temperature": 1 / float(raw.scale().detach()),
@@ -559,7 +623,8 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
                         writer.add_scalar(f"val/{key[4:]}", v, step)
                 writer.add_scalar("train/epoch_loss", row["train_loss"], step)
                 writer.flush()
-                name = cfg.best_metric if val else "train_loss"  # no val split: the training loss decides
+                # no val split (or no val figure, e.g. no val material with a known property): the training loss decides
+                name = cfg.best_metric if not math.isnan(row.get(cfg.best_metric, float("nan"))) else "train_loss"
                 metric, lower = row.get(name, float("nan")), BEST_METRICS.get(name, "min") == "min"
                 improved = not math.isnan(metric) and (
                     best["value"] is None or best["metric"] != name or (metric < best["value"] if lower else metric > best["value"]))
@@ -575,7 +640,8 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
                     shutil.copyfile(path, run_dir / "best.pt")
                 if val:
                     console.print(f"  epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val['val_loss']:.4f}, "
-                                  f"val R@1 {val['val_r1']:.3f} (chance {val['val_r1_chance']:.3f})", highlight=False)
+                                  + (f"val property MSE {val['val_predict']:.4f}, " if "val_predict" in val else "")
+                                  + f"val R@1 {val['val_r1']:.3f} (chance {val['val_r1_chance']:.3f})", highlight=False)
             _barrier(world)
 
     if not master:
@@ -591,13 +657,22 @@ def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, w
     return manifest
 
 
+def _describe(cfg: TrainConfig, loss_fn: MultiModalInfoNCE, spec: dict[str, Any]) -> str:
+    """The objective in words: the contrastive pairs and/or the predicted properties."""
+    parts = [] if cfg.objective == "predict" else [", ".join(pair_name(a, b) for a, b in loss_fn.pairs)]
+    if "predict" in spec:
+        weight = f" x {cfg.predict_weight:g}" if parts and cfg.predict_weight != 1 else ""
+        parts.append(f"predict {', '.join(spec['predict']['properties'])}{weight}")
+    return " + ".join(parts)
+
+
 def _summary(run_dir: Path, rows: list[dict[str, Any]], best: dict[str, Any]) -> None:
     from rich.table import Table
 
     if not rows:
         return
     table = Table(title=f"{run_dir.name}: learning curve (first and last epoch)", title_justify="left")
-    keys = [k for k in ("train_loss", "val_loss", "val_r1", "val_r1_chance", "temperature") if k in rows[-1]]
+    keys = [k for k in ("train_loss", "val_loss", "val_predict", "val_r1", "val_r1_chance", "temperature") if k in rows[-1]]
     table.add_column("epoch", justify="right")
     for k in keys:
         table.add_column(k, justify="right")

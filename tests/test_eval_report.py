@@ -174,8 +174,9 @@ def test_missing_modality_ablation_rebuilds_the_unified_embedding_without_it(emb
     assert len({round(r["density MAE"], 9) for r in rows.values()}) == 4  # each variant is a different space
     md = (embedded.reports_dir(RUN) / "ablation-missing.md").read_text()
     assert "| without xrd |" in md
-    with pytest.raises(CMMAError, match="--ablation must be one of temperature, dim, modalities, missing, encoder"):
-        run_ablation(embedded, EvaluateConfig(run=RUN), "loss")
+    with pytest.raises(CMMAError, match="--ablation must be one of temperature, dim, modalities, missing, encoder, loss, "
+                                        "not 'optimizer'"):
+        run_ablation(embedded, EvaluateConfig(run=RUN), "optimizer")
 
 
 @pytest.mark.slow
@@ -190,3 +191,21 @@ def test_temperature_ablation_trains_both_variants_and_tables_them(embedded):
         assert 0 <= row["mean R@1"] <= 1 and row["density MAE"] > 0
     fixed = read_manifest(embedded.run_dir(result["rows"][1]["run"]))
     assert fixed["config"]["learn_temperature"] is False and fixed["last"]["temperature"] == pytest.approx(0.07, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_loss_ablation_trains_contrastive_prediction_only_and_both_and_tables_them(embedded):
+    from cmma_cli.evaluate.ablations import run_ablation
+
+    result = run_ablation(embedded, EvaluateConfig(run=RUN, ablation_epochs=1), "loss")
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["contrastive", "predict", "contrastive+predict"]
+    for row in rows:
+        manifest = read_manifest(embedded.run_dir(row["run"]))
+        assert manifest["config"]["epochs"] == 1 and manifest["config"]["objective"] == row["variant"]
+        assert ("predict" in manifest["spec"]) == (row["variant"] != "contrastive")  # the property head
+        assert ("val_predict" in manifest["last"]) == (row["variant"] != "contrastive")
+        assert 0 <= row["mean R@1"] <= 1 and row["density MAE"] > 0
+    assert rows[2]["run"] == f"{RUN}-ablate-loss-contrastive-predict"
+    md = (embedded.reports_dir(RUN) / "ablation-loss.md").read_text()
+    assert "| contrastive+predict |" in md and "| predict |" in md

@@ -132,6 +132,99 @@ def test_other_mistakes_get_one_sentence(trained, sample_ws, tmp_path):
     assert not sample_ws.run_dir("x").exists()
 
 
+@pytest.fixture(scope="module")
+def predicted(sample_ws) -> Path:
+    """A short run of the prediction-only objective (no alignment: the property head alone)."""
+    run_train(sample_ws, replace(FAST, epochs=3, objective="predict"), run="predict")
+    return sample_ws.run_dir("predict")
+
+
+def test_the_predict_objective_regresses_the_properties_below_the_train_mean(predicted, sample_ws):
+    import numpy as np
+
+    from cmma_cli.loss import property_loss
+    from cmma_cli.modalities.base import Context
+    from cmma_cli.modalities.batches import MaterialSet
+    from cmma_cli.train import read_splits
+
+    rows = metrics(predicted)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["train_predict"] > 0 and row["val_loss"] == row["val_predict"]  # the objective is the property MSE
+        assert "train_structure-text" not in row and "val_structure-text" in row  # no contrastive term, still reported
+        assert row["temperature"] == pytest.approx(0.07)  # the unused temperature is left alone
+    # the spec: the numeric properties the sample has numbers for, standardised by the train split
+    model, ckpt = load_model(predicted / "best.pt")
+    head = ckpt["spec"]["predict"]
+    assert head["properties"] == ["formation_energy_per_atom", "density"]  # band_gap etc. are all empty here
+    train, val = read_splits(sample_ws, ["structure", "text", "xrd"], properties=head["properties"])
+    frame = train.select(head["properties"]).to_pandas()
+    assert head["mean"] == pytest.approx(list(frame.mean()))
+    assert head["std"] == pytest.approx(list(frame.std(ddof=0)))
+    # predicting the train mean (0 once standardised) scores this on val; the head learns to do better
+    y = (val.select(head["properties"]).to_pandas() - head["mean"]) / head["std"]
+    baseline = float(np.nanmean(y.to_numpy() ** 2))
+    assert rows[-1]["val_predict"] < rows[0]["val_predict"]
+    assert rows[-1]["val_predict"] < 0.9 * baseline  # 0.62 against 0.80 on this machine
+    # the checkpoint alone rebuilds the head: its val MSE is the one best.pt was picked by
+    ctx = Context(read_manifest(sample_ws.processed), cache_dir=sample_ws.root / "cache", show_progress=False)
+    materials = MaterialSet(val, {m: ckpt["spec"]["encoders"][m] for m in model.modalities}, ctx, head)
+    batch = materials.collate(np.arange(len(materials)))  # every val material has all three modalities
+    with torch.no_grad():
+        features, _, predictions = model(batch["inputs"], batch["masks"], with_predictions=True)
+    assert float(property_loss(predictions, batch["masks"], batch["targets"])) == pytest.approx(
+        min(r["val_predict"] for r in rows), rel=1e-4)
+    assert torch.allclose(features["xrd"].norm(dim=1), torch.ones(len(materials)))  # embeddings stay unit vectors
+    assert 0 < np.isnan(materials.targets).sum() < materials.targets.size  # unknown entries are masked out
+
+
+def test_the_property_loss_averages_the_modalities_over_known_entries_only():
+    from cmma_cli.loss import property_loss
+
+    nan = float("nan")
+    targets = torch.tensor([[1.0, nan], [nan, nan], [-1.0, 2.0]])
+    masks = {"structure": torch.tensor([True, True, True]), "text": torch.tensor([False, True, True])}
+    preds = {"structure": torch.tensor([[0.0, 5.0], [9.0, 9.0], [0.0, 0.0]], requires_grad=True),
+             "text": torch.tensor([[7.0, 7.0], [9.0, 9.0], [-1.0, 1.0]], requires_grad=True)}
+    loss = property_loss(preds, masks, targets)
+    # structure: (1 + 1 + 4) / 3 known entries; text: row 2 only, (0 + 1) / 2; the mean of the two
+    assert float(loss.detach()) == pytest.approx((6 / 3 + 1 / 2) / 2)
+    loss.backward()
+    assert preds["text"].grad[0].abs().sum() == 0 and preds["structure"].grad[1].abs().sum() == 0  # unknown: no pull
+    # nothing known: an exact zero that still backpropagates (zero gradients, no NaN)
+    preds = {"xrd": torch.ones(2, 2, requires_grad=True)}
+    loss = property_loss(preds, {"xrd": torch.tensor([True, True])}, torch.full((2, 2), nan))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(preds["xrd"].grad, torch.zeros(2, 2))
+
+
+def test_objective_mistakes_get_one_sentence(sample_ws, predicted, tmp_path):
+    import json
+
+    with pytest.raises(CMMAError, match=r"--objective must be one of contrastive, predict, contrastive\+predict, not 'regress'\.$"):
+        run_train(sample_ws, replace(FAST, objective="regress"), run="y")
+    with pytest.raises(CMMAError, match=r"--predict-properties names band_gap, heat, which no train material of the "
+                                        r"processed data has a number for: choose from formation_energy_per_atom, density\.$"):
+        run_train(sample_ws, replace(FAST, objective="predict", predict_properties=["band_gap", "heat"]), run="y")
+    with pytest.raises(CMMAError, match="--predict-properties needs a predict objective: add --objective predict"):
+        run_train(sample_ws, replace(FAST, predict_properties=["density"]), run="y")
+    with pytest.raises(CMMAError, match="--predict-weight must be a positive number, not 0.0"):
+        run_train(sample_ws, replace(FAST, objective="contrastive+predict", predict_weight=0.0), run="y")
+    with pytest.raises(CMMAError, match=r"other settings \(predicted properties formation_energy_per_atom,density -> "
+                                        r"\(none\)\): resume with the settings it was trained with"):
+        run_train(sample_ws, replace(FAST, epochs=5), resume=str(predicted / "last.pt"), run="y")
+    assert not sample_ws.run_dir("y").exists()
+    # processed data without a numeric property
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(sample_ws.processed, ws.processed)
+    manifest = json.loads((ws.processed / "manifest.json").read_text())
+    manifest["properties"] = ["crystal_system", "is_metal", "spacegroup_number"]
+    (ws.processed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CMMAError, match="--objective predict needs a numeric property with values in the train split "
+                                        "and the processed data has none: train with --objective contrastive"):
+        run_train(ws, replace(FAST, objective="predict"), run="y")
+
+
 def test_learning_rate_warms_up_then_follows_a_cosine():
     assert lr_factor(0, 10, 100, 0.0) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.0) == pytest.approx(1.0)

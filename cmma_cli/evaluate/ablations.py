@@ -11,7 +11,10 @@ the unified embeddings and retrieval on the test split. Kinds:
 - ``encoder``: the structure GNN architecture (schnet, cgcnn, painn), and frozen vs fine-tuned text
   (top 2 layers) when the run has text;
 - ``missing``: no training: the evaluated run's unified embedding rebuilt without one modality at
-  inference, probes refitted on it.
+  inference, probes refitted on it;
+- ``loss``: the training objective: the contrastive loss, prediction only (a property head regresses the
+  numeric properties from each modality's embedding, no alignment) and the two summed (``cmma train
+  --objective``).
 
 Results: ``reports/<run>/ablation-<kind>.md`` and ``.json``, and a table on the terminal.
 """
@@ -35,7 +38,7 @@ from cmma_cli.evaluate.retrieval import run_retrieval
 from cmma_cli.model import read_checkpoint
 from cmma_cli.workspace import Workspace, read_manifest, write_json
 
-KINDS = ("temperature", "dim", "modalities", "missing", "encoder")
+KINDS = ("temperature", "dim", "modalities", "missing", "encoder", "loss")
 
 
 def base_config(data: EvalData) -> TrainConfig:
@@ -64,6 +67,10 @@ def variants(kind: str, base: TrainConfig, cfg: EvaluateConfig) -> list[tuple[st
         if "text" in base.modalities:
             out += [("text frozen", replace(base, text_tune="frozen")), ("text top:2", replace(base, text_tune="top:2"))]
         return out
+    if kind == "loss":
+        return [("contrastive", replace(base, objective="contrastive", predict_properties=[])),
+                ("predict", replace(base, objective="predict")),
+                ("contrastive+predict", replace(base, objective="contrastive+predict"))]
     raise CMMAError(f"--ablation must be one of {', '.join(KINDS)}, not {kind!r}.")
 
 

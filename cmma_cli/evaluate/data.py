@@ -17,16 +17,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cmma_cli.errors import CMMAError
+from cmma_cli.properties import NON_PROPERTY, numeric_properties
 from cmma_cli.workspace import Workspace, read_table, require_stage
 
 #: Embedding tables that are one row per material (everything but ``synthesis``), in report order.
 MATERIAL_TABLES = ("unified", "structure", "text", "xrd", "image")
-#: Numeric properties that are categories or identifiers, not quantities to regress.
-NOT_REGRESSED = {"spacegroup_number", "nsites"}
-#: Processed columns that are identity, text or modality data, never a property.
-NON_PROPERTY = {"material_id", "formula", "elements", "source", "description", "synthesis_texts", "recipe_ids",
-                "xrd", "xrd_source", "image_path", "atomic_numbers", "edge_src", "edge_dst", "edge_dist",
-                "edge_vec", "structure"}
 
 
 @dataclass
@@ -73,19 +68,6 @@ def _vectors(frame: pd.DataFrame, path: Path) -> np.ndarray:
         return np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"]])
     except ValueError:
         raise CMMAError(f"{path} holds embeddings of different lengths: run `cmma embed --force`.") from None
-
-
-def numeric_properties(materials: pd.DataFrame, candidates: list[str]) -> list[str]:
-    """The columns of ``candidates`` holding numbers to regress (not booleans, not categories)."""
-    out = []
-    for name in candidates:
-        if name in NON_PROPERTY or name in NOT_REGRESSED or name not in materials:
-            continue
-        column = materials[name]
-        if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
-            continue
-        out.append(name)
-    return out
 
 
 def load_eval_data(ws: Workspace, run: str) -> EvalData:

@@ -4,7 +4,9 @@ A batch is a plain dict (so ``pin_memory`` and ``.to(device)`` walk it)::
 
     {"rows":   (B,) int64 row numbers in the table,
      "masks":  {modality: (B,) bool, True where the sample has it (after modality dropout)},
-     "inputs": {modality: that modality's collated inputs, for the masked-in rows only}}
+     "inputs": {modality: that modality's collated inputs, for the masked-in rows only},
+     "targets": (B, P) float32 standardised properties, NaN where unknown (only for a MaterialSet made with
+                ``predict``, the model spec's property list and train-split mean and std)}
 
 A modality that no sample of the batch has is left out of ``inputs``. The order of batches and
 everything random inside one (text sampling, modality dropout) is seeded by (seed, epoch, step, rank):
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import torch
 
@@ -26,10 +29,12 @@ from cmma_cli.modalities.base import Context, Prepared
 class MaterialSet:
     """The rows of one processed table with every configured modality prepared."""
 
-    def __init__(self, table: pa.Table, specs: dict[str, dict[str, Any]], ctx: Context):
+    def __init__(self, table: pa.Table, specs: dict[str, dict[str, Any]], ctx: Context,
+                 predict: dict[str, Any] | None = None):
         self.material_ids: list[str] = [str(m) for m in table.column("material_id").to_pylist()]
         self.modalities = list(specs)
         self.data: dict[str, Prepared] = {m: get_modality(m).prepare(table, specs[m], ctx) for m in specs}
+        self.targets: np.ndarray | None = None if predict is None else standardised_targets(table, predict)
 
     def __len__(self) -> int:
         return len(self.material_ids)
@@ -53,7 +58,23 @@ class MaterialSet:
             masks[m] = torch.from_numpy(keep)
             if keep.any():
                 inputs[m] = get_modality(m).collate(self.data[m], rows[keep], rng)
-        return {"rows": torch.from_numpy(rows), "masks": masks, "inputs": inputs}
+        batch = {"rows": torch.from_numpy(rows), "masks": masks, "inputs": inputs}
+        if self.targets is not None:
+            batch["targets"] = torch.from_numpy(self.targets[rows])
+        return batch
+
+
+def standardised_targets(table: pa.Table, predict: dict[str, Any]) -> np.ndarray:
+    """(rows, P) float32: ``(value - mean) / std`` of each of ``predict["properties"]``, NaN where unknown."""
+    columns = []
+    for name, mean, std in zip(predict["properties"], predict["mean"], predict["std"]):
+        if name in table.column_names:
+            values = pd.to_numeric(table.column(name).to_pandas(), errors="coerce").to_numpy(np.float64)
+            values = np.where(np.isfinite(values), values, np.nan)
+        else:
+            values = np.full(table.num_rows, np.nan)
+        columns.append((values - mean) / std)
+    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((table.num_rows, 0), np.float32)
 
 
 class BatchDataset(torch.utils.data.Dataset):
