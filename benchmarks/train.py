@@ -59,7 +59,7 @@ def bench_device(ws: Workspace, cfg: TrainConfig, device: torch.device, batch_si
     """(median seconds per part, step materials/s, DataLoader materials/s) on ``device``."""
     torch.manual_seed(0)
     manifest = read_manifest(ws.processed)
-    ctx = Context(manifest, cache_dir=ws.root / "cache", show_progress=False)
+    ctx = Context(manifest, cache_dir=ws.cache, show_progress=False)
     train_table, _ = read_splits(ws, cfg.modalities)
     spec = model_spec(cfg, train_table, ctx)
     materials = MaterialSet(train_table, spec["encoders"], ctx)

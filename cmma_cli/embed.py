@@ -284,7 +284,7 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
 
     started = time.perf_counter()
     clear_stage(out)
-    encoder = Encoder(checkpoint, processed, cache_dir=ws.root / "cache", device=cfg.device,
+    encoder = Encoder(checkpoint, processed, cache_dir=ws.cache, device=cfg.device,
                       batch_size=cfg.batch_size, workers=cfg.workers)
     path = ws.processed / "materials.parquet"
     all_ids = [str(m) for m in pq.read_table(path, columns=["material_id"]).column("material_id").to_pylist()]

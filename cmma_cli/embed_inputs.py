@@ -274,7 +274,7 @@ def embed_inputs(ws: Workspace, cfg: EmbedConfig, paths: list[str | Path], out: 
     if out.resolve() in (ws.processed.resolve(), ws.embeddings_dir(run).resolve()):
         raise CMMAError(f"--out {out} would overwrite a stage's output: pass a new folder.")
     started = time.perf_counter()
-    encoder = Encoder(checkpoint, processed, cache_dir=ws.root / "cache", device=cfg.device,
+    encoder = Encoder(checkpoint, processed, cache_dir=ws.cache, device=cfg.device,
                       batch_size=cfg.batch_size, workers=cfg.workers)
     batch = _Embedded(encoder.dim, rejects=list(found.rejects))
     if found.structures:

@@ -198,7 +198,7 @@ def make_plan(ws: Workspace, cfg: TrainConfig, run: str | None, resume: str | No
     # predict objective); the rest of the data is read by the ranks
     properties = list(manifest.get("properties", [])) if cfg.predicts else []
     train_table, _ = read_splits(ws, cfg.modalities, columns=["atomic_numbers", "edge_src", *properties])
-    ctx = Context(manifest, cache_dir=ws.root / "cache")
+    ctx = Context(manifest, cache_dir=ws.cache)
     wanted = model_spec(cfg, train_table, ctx)
     spec = wanted
     if resume_path is not None:
@@ -489,7 +489,7 @@ def _barrier(world: int) -> None:
 def _train(plan: Plan, ws: Workspace, cfg: TrainConfig, spec: dict, rank: int, world: int,
            device: torch.device, master: bool) -> dict[str, Any]:
     processed = require_stage(ws.processed, "preprocess")
-    ctx = Context(processed, cache_dir=ws.root / "cache", show_progress=master)
+    ctx = Context(processed, cache_dir=ws.cache, show_progress=master)
 
     # data: rank 0 first (it fills the text cache), then the others
     predict = spec.get("predict")

@@ -7,6 +7,7 @@ Layout (``<ws>`` is ``--workspace/-w``, else ``$CMMA_WORKSPACE``, else ``./data`
     <ws>/runs/<run>/          config.toml, checkpoints/, metrics.csv
     <ws>/embeddings/<run>/    <modality>.parquet, unified.parquet, index files
     <ws>/reports/<run>/       report.md, metrics.json, figures/
+    <ws>/cache/               rebuildable derived data (frozen text embeddings); safe to delete
 
 Every stage directory holds a ``manifest.json`` written *last*: the stage, the package version, the
 config that made it, the hashes of its inputs' manifests, row counts and the time. A directory whose
@@ -83,6 +84,11 @@ class Workspace:
 
     def reports_dir(self, run: str) -> Path:
         return self.root / "reports" / run
+
+    @property
+    def cache(self) -> Path:
+        """Derived data that can be rebuilt at any time (the frozen text model's sentence embeddings)."""
+        return self.root / "cache"
 
     def portable(self, path: Path) -> str:
         """``path`` as manifests record it: relative to the root when inside it (a moved workspace still works)."""

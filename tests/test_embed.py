@@ -83,7 +83,7 @@ def test_stored_embeddings_are_what_the_checkpoint_computes(embedded_sample):
     model, ckpt = load_model(ws.run_dir(run) / "best.pt")
     table = pq.read_table(ws.processed / "materials.parquet").slice(0, 12)
     materials = MaterialSet(table, {m: ckpt["spec"]["encoders"][m] for m in ("structure", "xrd")},
-                            Context(read_manifest(ws.processed), cache_dir=ws.root / "cache"))
+                            Context(read_manifest(ws.processed), cache_dir=ws.cache))
     batch = materials.collate(np.arange(12))
     for modality in ("structure", "xrd"):
         with torch.no_grad():
@@ -116,7 +116,7 @@ def test_text_is_the_description_else_the_mean_of_the_recipes_and_every_recipe_l
     from cmma_cli.encode import Encoder
 
     ws, run = embedded_sample.ws, embedded_sample.run
-    encoder = Encoder(ws.run_dir(run) / "best.pt", read_manifest(ws.processed), cache_dir=ws.root / "cache")
+    encoder = Encoder(ws.run_dir(run) / "best.pt", read_manifest(ws.processed), cache_dir=ws.cache)
     r1 = "Solid-state synthesis of LiCoO2. Precursors: Li2CO3, Co3O4. Procedure: ground; heated at 900 °C for 12 h."
     r2 = "Sol-gel synthesis of LiCoO2. Precursors: LiNO3, Co(NO3)2. Procedure: dried at 120 °C; calcined at 700 °C."
     r3 = "Solid-state synthesis of NaCl. Precursors: Na2CO3, NH4Cl. Procedure: heated at 500 °C for 2 h."

@@ -30,7 +30,7 @@ def sample_ws(embedded_sample, tmp_path_factory) -> Workspace:
     of this module's own: a copy of the session's ``processed/`` and frozen-text cache, with no runs yet."""
     ws = Workspace(tmp_path_factory.mktemp("sample-ws"))
     shutil.copytree(embedded_sample.ws.processed, ws.processed)
-    shutil.copytree(embedded_sample.ws.root / "cache", ws.root / "cache")
+    shutil.copytree(embedded_sample.ws.cache, ws.cache)
     return ws
 
 
@@ -167,7 +167,7 @@ def test_the_predict_objective_regresses_the_properties_below_the_train_mean(pre
     assert rows[-1]["val_predict"] < rows[0]["val_predict"]
     assert rows[-1]["val_predict"] < 0.9 * baseline  # 0.62 against 0.80 on this machine
     # the checkpoint alone rebuilds the head: its val MSE is the one best.pt was picked by
-    ctx = Context(read_manifest(sample_ws.processed), cache_dir=sample_ws.root / "cache", show_progress=False)
+    ctx = Context(read_manifest(sample_ws.processed), cache_dir=sample_ws.cache, show_progress=False)
     materials = MaterialSet(val, {m: ckpt["spec"]["encoders"][m] for m in model.modalities}, ctx, head)
     batch = materials.collate(np.arange(len(materials)))  # every val material has all three modalities
     with torch.no_grad():
@@ -252,7 +252,7 @@ def test_training_copes_with_missing_modalities_and_modality_dropout(sample_ws, 
 
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(sample_ws.processed, ws.processed)
-    shutil.copytree(sample_ws.root / "cache", ws.root / "cache")
+    shutil.copytree(sample_ws.cache, ws.cache)
     table = pq.read_table(ws.processed / "materials.parquet")
     keep = [i % 3 == 0 for i in range(table.num_rows)]
     descriptions = [d if k else None for d, k in zip(table["description"].to_pylist(), keep)]

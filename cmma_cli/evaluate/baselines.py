@@ -198,7 +198,7 @@ def run_baselines(ws: Workspace, data: EvalData, cfg: Any, probes: dict[str, Any
     modalities = [m for m in spec["modalities"] if m in data.tables]
     specs = {m: spec["encoders"][m] for m in modalities}
     device = pick_device(cfg.device)
-    ctx = Context(data.processed_manifest, cache_dir=ws.root / "cache", show_progress=False)
+    ctx = Context(data.processed_manifest, cache_dir=ws.cache, show_progress=False)
     tables = _split_tables(ws, data, modalities)
     sets = {s: MaterialSet(t, specs, ctx) for s, t in tables.items()}
     names = [*modalities, "intermediate fusion"]

@@ -162,7 +162,7 @@ def explain_material(ws: Workspace, data: EvalData, material_id: str, cfg: Any, 
         model = load_explain_model(data)
     spec = model.spec
     row = _material_row(ws, material_id, model.modalities)
-    ctx = Context(data.processed_manifest, cache_dir=ws.root / "cache", show_progress=False)
+    ctx = Context(data.processed_manifest, cache_dir=ws.cache, show_progress=False)
     materials = MaterialSet(row, {m: spec["encoders"][m] for m in model.modalities}, ctx)
     batch = materials.collate(np.array([0]))
     split = data.materials.set_index("material_id")["split"].get(material_id, "?")
