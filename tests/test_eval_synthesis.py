@@ -48,3 +48,5 @@ def test_text_and_unified_never_score_recipes_and_no_recipes_is_said():
     data.synthesis = None
     out = run_synthesis(data)
     assert out["by_modality"] == {} and "no synthesis recipes" in out["note"]
+    del data.tables["text"]  # a structure + XRD run: nothing embeds the recipes, and the note says so
+    assert "no text encoder to embed recipes with" in run_synthesis(data)["note"]

@@ -76,6 +76,9 @@ def _auc(sim: np.ndarray, true: np.ndarray, negatives: np.ndarray) -> float:
 
 def run_synthesis(data: EvalData, split: str = "test") -> dict[str, Any]:
     """Synthesis-match scores for every non-text modality, or the reason there are none."""
+    if "text" not in data.tables:  # recipes are embedded by the run's text encoder
+        return {"by_modality": {}, "note": "the run has no text encoder to embed recipes with: train with text "
+                                           "among --modalities to score synthesis match"}
     if data.synthesis is None or data.synthesis.empty:
         return {"by_modality": {}, "note": "no synthesis recipes are linked to these materials"}
     out: dict[str, Any] = {"by_modality": {}}
