@@ -160,7 +160,7 @@ class EvaluateConfig:
     """``cmma evaluate``: which run's embeddings to judge, which sections to run, and their settings."""
 
     run: str | None = None  # the embedded run to evaluate (None: the newest run with embeddings)
-    sections: list[str] = field(default_factory=lambda: ["probes", "retrieval", "synthesis", "latent", "baselines", "explain"])
+    sections: list[str] = field(default_factory=lambda: ["probes", "retrieval", "synthesis", "latent", "baselines", "explain"])  # report sections to run
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # K of Recall@K
     hull_threshold: float = 0.0  # stable when energy_above_hull <= this (eV/atom), where is_stable is absent
     gap_threshold: float = 0.0  # metal when band_gap <= this (eV), where is_metal is absent
@@ -171,13 +171,13 @@ class EvaluateConfig:
     purity_k: int = 10  # neighbours in the neighbourhood-purity score
     interpolation_steps: int = 7  # points on the path between two materials' embeddings
     baseline_epochs: int = 40  # epochs of each supervised baseline model
-    baseline_batch_size: int = 64
-    baseline_lr: float = 1e-3
+    baseline_batch_size: int = 64  # materials per step of each supervised baseline
+    baseline_lr: float = 1e-3  # AdamW learning rate of the supervised baselines
     baseline_properties: list[str] = field(default_factory=list)  # properties the baselines train on (empty: all probed; none: no property)
     baseline_tasks: list[str] = field(default_factory=list)  # classification tasks the baselines train on: stable, metal, crystal_system (empty: all probed; none: no task)
     explain_examples: int = 3  # test materials explained in the report
     xrd_region: float = 5.0  # width (degrees 2-theta) of the XRD attribution regions
     ablation_epochs: int | None = None  # epochs of each ablation training run (None: the evaluated run's)
     ablation_dims: list[int] = field(default_factory=lambda: [32, 128, 256])  # latent dimensions of --ablation dim
-    seed: int = 0
+    seed: int = 0  # seeds the probes, the baselines and the maps
     device: str = "auto"  # where supervised baselines train (and ablation runs embed): auto | cpu | cuda[:N]
