@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,8 @@ def embedded_sample(tmp_path_factory):
     """The built-in sample fetched, preprocessed, trained briefly (4 epochs, small dims, text frozen) and embedded.
 
     One run for the whole session (about a minute on 2 cores): tests read it and must not change it; a
-    test that writes copies the workspace first (``shutil.copytree(embedded_sample.ws.root, ...)``).
-    Returns a namespace: ``ws``, ``run``, ``dim``, ``train`` (the TrainConfig) and ``embed`` (the manifest).
+    test that writes copies the workspace first (``embedded_sample.copy(folder)`` returns the copy's Workspace).
+    Returns a namespace: ``ws``, ``run``, ``dim``, ``train`` (the TrainConfig), ``embed`` (the manifest) and ``copy``.
     """
     from types import SimpleNamespace
 
@@ -74,4 +75,7 @@ def embedded_sample(tmp_path_factory):
     run_preprocess(ws, PreprocessConfig())
     run_train(ws, train, run="sample")
     manifest = run_embed(ws, EmbedConfig(run="sample"))
-    return SimpleNamespace(ws=ws, run="sample", dim=train.embed_dim, train=train, embed=manifest)
+    def copy(folder: Path) -> Workspace:
+        return Workspace(Path(shutil.copytree(ws.root, folder)))
+
+    return SimpleNamespace(ws=ws, run="sample", dim=train.embed_dim, train=train, embed=manifest, copy=copy)

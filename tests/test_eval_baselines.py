@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 
@@ -19,9 +18,7 @@ RUN = "sample"
 @pytest.fixture(scope="module")
 def moved(embedded_sample, tmp_path_factory) -> Workspace:
     """A copy of the session's embedded sample, in another folder than the one it was embedded in."""
-    root = tmp_path_factory.mktemp("moved") / "elsewhere"
-    shutil.copytree(embedded_sample.ws.root, root)
-    return Workspace(root)
+    return embedded_sample.copy(tmp_path_factory.mktemp("moved") / "elsewhere")
 
 
 def test_the_embeddings_manifest_records_the_checkpoint_relative_to_the_workspace(moved, embedded_sample):

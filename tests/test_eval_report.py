@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -25,9 +24,7 @@ RUN = "sample"
 @pytest.fixture(scope="module")
 def embedded(embedded_sample, tmp_path_factory) -> Workspace:
     """A copy of the session's embedded sample workspace (run ``sample``), which these tests write reports into."""
-    root = tmp_path_factory.mktemp("eval") / "ws"
-    shutil.copytree(embedded_sample.ws.root, root)
-    return Workspace(root)
+    return embedded_sample.copy(tmp_path_factory.mktemp("eval") / "ws")
 
 
 @pytest.fixture(scope="module")

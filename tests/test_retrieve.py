@@ -4,8 +4,6 @@ description ranks it far above chance, --json has a fixed schema, filters hold, 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -208,7 +206,7 @@ def test_a_query_needs_exactly_one_input(retriever, tmp_path):
 
 
 def test_a_checkpoint_changed_after_embedding_is_refused(embedded_sample, tmp_path):
-    ws = Workspace(Path(shutil.copytree(embedded_sample.ws.root, tmp_path / "ws")))
+    ws = embedded_sample.copy(tmp_path / "ws")
     from cmma_cli.config import EmbedConfig
     from cmma_cli.embed import run_embed
 
