@@ -46,7 +46,6 @@ DESCRIPTION = (
     "(the mean of the single-modality predictions or class probabilities). They appear in the property and "
     "classification tables above, below the CMMA probes."
 )
-FUSION = ("intermediate fusion", "late fusion")
 
 
 @dataclass

@@ -74,7 +74,7 @@ def classification_rows(metrics: dict[str, Any], task: str) -> list[list[Any]]:
     return rows
 
 
-#: Per kind of target: the probe section, the metric the verdict compares, whether lower is better, the linear probe.
+#: Per kind of target: the metric the verdict compares, whether lower is better, and the linear probe's name.
 VERDICTS = {"regression": ("mae", True, "ridge"), "classification": ("macro_f1", False, "logistic")}
 
 
