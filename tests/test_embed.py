@@ -104,7 +104,7 @@ def test_each_index_row_is_the_parquet_row_and_the_manifest_ties_run_checkpoint_
     manifest = read_manifest(out)
     best = torch.load(ws.run_dir(run) / "best.pt", weights_only=True)
     assert manifest["stage"] == "embed" and manifest["run"] == run and manifest["dim"] == embedded_sample.dim
-    assert manifest["checkpoint"]["path"] == str(ws.run_dir(run) / "best.pt")
+    assert ws.locate(manifest["checkpoint"]["path"]) == ws.run_dir(run) / "best.pt"
     assert manifest["checkpoint"]["epoch"] == best["epoch"]
     assert manifest["inputs"] == {"preprocess": manifest_hash(ws.processed), "train": manifest_hash(ws.run_dir(run))}
     assert manifest["modalities"] == ["structure", "text", "xrd"]

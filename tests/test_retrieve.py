@@ -211,7 +211,7 @@ def test_a_checkpoint_changed_after_embedding_is_refused(embedded_sample, tmp_pa
     from cmma_cli.embed import run_embed
 
     manifest = run_embed(ws, EmbedConfig(run="sample"))
-    with open(manifest["checkpoint"]["path"], "ab") as fh:
+    with open(ws.locate(manifest["checkpoint"]["path"]), "ab") as fh:  # the copy's own checkpoint
         fh.write(b"retrained")
     with pytest.raises(CMMAError, match=r"changed after `cmma embed` ran: run `cmma embed --run sample --force`"):
         Retriever(ws).query(Query(text="A structure."))
