@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/cmma preprocess -w $(WS)
 	$(BIN)/cmma train -w $(WS) --run demo --epochs 20
 	$(BIN)/cmma embed -w $(WS) --run demo
-	$(BIN)/cmma evaluate -w $(WS) --run demo --sections probes,retrieval,latent --maps tsne
+	$(BIN)/cmma evaluate -w $(WS) --run demo --baseline-epochs 10
 	$(BIN)/cmma retrieve -w $(WS) --run demo -k 5 "Rock salt structure: sodium is bonded to six equivalent chlorine atoms forming corner and edge-sharing octahedra."
 
 test: $(VENV)/.installed
