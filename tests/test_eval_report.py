@@ -50,6 +50,17 @@ def test_probes_fit_only_on_train_and_val_materials(embedded):
     assert results["regression"]["formation_energy_per_atom"]["unified"]["n_test"] == fe
 
 
+def test_properties_no_material_has_are_not_probed(embedded):
+    data = load_eval_data(embedded, RUN)
+    # the raw schema has every Materials Project column; the sample has no band gaps at all
+    assert data.materials["band_gap"].isna().all()
+    assert "band_gap" not in data.numeric_properties
+    assert data.numeric_properties == ["formation_energy_per_atom", "density"]
+    results, _ = run_probes(data, tables=["unified"])
+    assert set(results["regression"]) == {"formation_energy_per_atom", "density"}
+    assert not [s for s in results["skipped"] if s["target"] == "band_gap"]  # not a wall of "0 train rows"
+
+
 def test_retrieval_uses_the_test_split_and_reports_chance(embedded):
     data = load_eval_data(embedded, RUN)
     out = run_retrieval(data, (1, 5, 10))

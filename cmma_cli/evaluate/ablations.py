@@ -123,7 +123,7 @@ def run_ablation(ws: Workspace, cfg: EvaluateConfig, kind: str, force: bool = Fa
     check_config(cfg)
     run = resolve_run(ws, cfg.run)
     data = load_eval_data(ws, run)
-    props = [p for p in data.numeric_properties if data.materials[p].notna().any()]
+    props = list(data.numeric_properties)
     rows: list[dict[str, Any]] = []
     if kind == "missing":
         rows.append({"variant": "all modalities", "run": run, **_score(data, cfg, props, retrieval=False)})

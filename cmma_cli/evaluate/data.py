@@ -48,7 +48,7 @@ class EvalData:
     synthesis_vectors: np.ndarray | None
     manifest: dict[str, Any]
     processed_manifest: dict[str, Any]
-    numeric_properties: list[str] = field(default_factory=list)
+    numeric_properties: list[str] = field(default_factory=list)  # numeric properties some material has a value of
     checkpoint: Path | None = None  # the checkpoint that made the embeddings (None: the manifest names none)
 
     def split_ids(self, split: str) -> np.ndarray:
@@ -104,4 +104,5 @@ def load_eval_data(ws: Workspace, run: str) -> EvalData:
     candidates = list(processed.get("properties", [])) or [c for c in materials.columns]
     recorded = manifest.get("checkpoint", {}).get("path")
     return EvalData(run, materials.reset_index(drop=True), tables, synthesis, synthesis_vectors, manifest,
-                    processed, numeric_properties(materials, candidates), ws.locate(recorded) if recorded else None)
+                    processed, [c for c in numeric_properties(materials, candidates) if materials[c].notna().any()],
+                    ws.locate(recorded) if recorded else None)

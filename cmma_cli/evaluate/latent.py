@@ -72,11 +72,10 @@ def _plot(coords: np.ndarray, values: pd.Series, is_test: np.ndarray, title: str
 
 def colour_property(data: EvalData) -> str | None:
     """The numeric property the maps are coloured by (one with values), or None."""
-    have = [p for p in data.numeric_properties if data.materials[p].notna().any()]
     for p in COLOUR_PREFERENCE:
-        if p in have:
+        if p in data.numeric_properties:
             return p
-    return have[0] if have else None
+    return data.numeric_properties[0] if data.numeric_properties else None
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
