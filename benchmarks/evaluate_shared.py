@@ -36,7 +36,7 @@ DATASETS = {
     "mp20": {"table": DATA / "mp20" / "mp20_sample.csv", "modalities": ["structure", "text", "xrd"],
              "baseline_properties": ["formation_energy_per_atom", "band_gap"], "baseline_tasks": ["metal"]},
     "perov5": {"table": DATA / "perov5" / "perov5_val.csv", "modalities": ["structure", "xrd"],
-               "baseline_properties": ["heat_all", "dir_gap"], "baseline_tasks": ["none"]},
+               "baseline_properties": ["heat_all", "dir_gap"], "baseline_tasks": ["crystal_system"]},
 }
 
 
