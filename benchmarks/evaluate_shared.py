@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from cmma_cli.config import EmbedConfig, EvaluateConfig, FetchConfig, PreprocessConfig, TrainConfig, as_dict  # noqa: E402
 from cmma_cli.embed import run_embed  # noqa: E402
 from cmma_cli.evaluate.pipeline import run_evaluate  # noqa: E402
-from cmma_cli.evaluate.report import classification_rows, fmt, md_table, regression_rows, verdict_rows  # noqa: E402
+from cmma_cli.evaluate.report import fmt, md_table, target_rows, verdict_rows  # noqa: E402
 from cmma_cli.fetch import run_fetch  # noqa: E402
 from cmma_cli.preprocess.pipeline import run_preprocess  # noqa: E402
 from cmma_cli.train import run_train  # noqa: E402
@@ -58,11 +58,11 @@ def tables(metrics: dict, name: str, seconds: dict[str, float]) -> str:
             f"`{run['command']}`). Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".", ""]
     for prop in metrics.get("probes", {}).get("regression", {}):
         out += [f"**{prop}** (test split)", "", md_table(["model", "embedding / input", "MAE", "RMSE", "R²", "n test"],
-                                                         regression_rows(metrics, prop)), ""]
+                                                         target_rows(metrics, "regression", prop)), ""]
     for task in metrics.get("probes", {}).get("classification", {}):
         source = metrics["probes"]["label_sources"][task]
         out += [f"**{task}** ({source})", "", md_table(["model", "embedding", "accuracy", "macro F1", "ROC AUC", "n test"],
-                                                       classification_rows(metrics, task)), ""]
+                                                       target_rows(metrics, "classification", task)), ""]
     for kind, metric in (("regression", "test MAE, lower is better"), ("classification", "test macro F1, higher is better")):
         rows = verdict_rows(metrics, kind)
         if rows:

@@ -42,35 +42,25 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 # --------------------------------------------------------------------------------------- table rows
 
 
-def regression_rows(metrics: dict[str, Any], prop: str) -> list[list[Any]]:
-    """Rows (model, embedding / input, MAE, RMSE, R², n test) for one property: probes, then baselines."""
-    rows = []
-    by_table = metrics.get("probes", {}).get("regression", {}).get(prop, {})
-    if "unified" in by_table:
-        s = by_table["unified"]["dummy"]
-        rows.append(["dummy (train mean)", "-", s["mae"], s["rmse"], s["r2"], s["n"]])
-    for table, scores in by_table.items():
-        for model in ("ridge", "mlp"):
-            s = scores[model]
-            rows.append([f"CMMA {model} probe", table, s["mae"], s["rmse"], s["r2"], s["n"]])
-    for name, s in metrics.get("baselines", {}).get("regression", {}).get(prop, {}).items():
-        rows.append([f"supervised {name}", s.get("inputs", "-"), s["mae"], s["rmse"], s["r2"], s["n"]])
-    return rows
+#: Per kind of target: the dummy's row label, the probe models, and the three metrics a table row shows.
+ROW_SPECS = {"regression": ("dummy (train mean)", ("ridge", "mlp"), ("mae", "rmse", "r2")),
+             "classification": ("dummy (majority)", ("logistic", "mlp"), ("accuracy", "macro_f1", "roc_auc"))}
 
 
-def classification_rows(metrics: dict[str, Any], task: str) -> list[list[Any]]:
-    """Rows (model, embedding, accuracy, macro F1, ROC AUC, n test) for one classification task."""
+def target_rows(metrics: dict[str, Any], kind: str, target: str) -> list[list[Any]]:
+    """Rows (model, embedding / input, three metrics, n test) for one target: the dummy, the probes, the baselines."""
+    dummy, models, keys = ROW_SPECS[kind]
     rows = []
-    by_table = metrics.get("probes", {}).get("classification", {}).get(task, {})
+    by_table = metrics.get("probes", {}).get(kind, {}).get(target, {})
     if "unified" in by_table:
         s = by_table["unified"]["dummy"]
-        rows.append(["dummy (majority)", "-", s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
+        rows.append([dummy, "-", *(s[k] for k in keys), s["n"]])
     for table, scores in by_table.items():
-        for model in ("logistic", "mlp"):
+        for model in models:
             s = scores[model]
-            rows.append([f"CMMA {model} probe", table, s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
-    for name, s in metrics.get("baselines", {}).get("classification", {}).get(task, {}).items():
-        rows.append([f"supervised {name}", s.get("inputs", "-"), s["accuracy"], s["macro_f1"], s["roc_auc"], s["n"]])
+            rows.append([f"CMMA {model} probe", table, *(s[k] for k in keys), s["n"]])
+    for name, s in metrics.get("baselines", {}).get(kind, {}).get(target, {}).items():
+        rows.append([f"supervised {name}", s.get("inputs", "-"), *(s[k] for k in keys), s["n"]])
     return rows
 
 
@@ -159,13 +149,13 @@ def render_markdown(metrics: dict[str, Any]) -> str:
                 "that have their inputs.", ""]
         for prop in probes["regression"]:
             out += [f"### {prop}", "", md_table(["model", "embedding / input", "MAE", "RMSE", "R²", "n test"],
-                                                regression_rows(metrics, prop)), ""]
+                                                target_rows(metrics, "regression", prop)), ""]
         out += ["## Classification probes", ""]
         for task, source in probes.get("label_sources", {}).items():
             if task in probes["classification"]:
                 out += [f"### {task} (labels: {source})", "",
                         md_table(["model", "embedding", "accuracy", "macro F1", "ROC AUC", "n test"],
-                                 classification_rows(metrics, task)), ""]
+                                 target_rows(metrics, "classification", task)), ""]
         if probes["skipped"]:
             out += ["Probes not run: " + "; ".join(f"{s['target']} on {s['table']} ({s['reason']})"
                                                    for s in probes["skipped"]) + ".", ""]
