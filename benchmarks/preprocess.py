@@ -34,8 +34,8 @@ from pymatgen.core import Structure
 
 from cmma_cli.config import PreprocessConfig
 from cmma_cli.preprocess.featurize import parse_structure
-from cmma_cli.preprocess.graphs import build_graph
-from cmma_cli.preprocess.spectra import XRDGrid, computed_pattern
+from cmma_cli.modalities.structure.graphs import build_graph
+from cmma_cli.modalities.xrd.patterns import XRDGrid, computed_pattern
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mp20" / "mp20_sample.csv"

@@ -3,39 +3,256 @@
 A stage's config is recorded in its manifest; an unchanged config over unchanged inputs means the
 stage is up to date. ``--config file.toml`` files hold the same fields (a ``[train]`` table, ...).
 Secrets (API keys) are never part of a config.
+
+``PreprocessConfig`` and ``TrainConfig`` also hold one *section* per registered modality: the dataclass
+its module declares (``Modality.preprocess_config`` / ``train_config``), read nested (``cfg.xrd.channels``)
+and set flat, by the names the command line and TOML files use (``TrainConfig(xrd_channels=8)``,
+``--xrd-channels 8``, ``xrd_channels = 8``). Field metadata may name ``choices`` (a tuple, or a function
+returning one) and a ``check`` function; :func:`validate` applies both, with the one-sentence errors.
 """
 
 from __future__ import annotations
 
+import copy
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 from cmma_cli.errors import CMMAError
 
+#: The report sections of ``cmma evaluate``, in report order.
+SECTIONS = ("probes", "retrieval", "synthesis", "latent", "baselines", "explain")
+
+
+# ----------------------------------------------------------------------------------- modality sections
+
+
+def _registry() -> dict[str, Any]:
+    from cmma_cli.modalities import REGISTRY
+
+    return REGISTRY
+
+
+def section_types(stage_attr: str) -> dict[str, type]:
+    """``{modality: its settings dataclass}`` for ``stage_attr`` (``train_config`` | ``preprocess_config``)."""
+    return {name: getattr(m, stage_attr) for name, m in _registry().items() if getattr(m, stage_attr, None)}
+
+
+def flat_name(modality: str, f) -> str:
+    """The flat (flag / TOML / keyword) name of field ``f`` of a modality's section."""
+    return f.metadata.get("flag", f"{modality}_{f.name}")
+
+
+def flat_fields(cls: type) -> dict[str, tuple[str | None, Any]]:
+    """``{flat name: (modality or None, dataclass field)}`` of every setting of a stage config class."""
+    sectioned = bool(getattr(cls, "_sections", ""))
+    out: dict[str, tuple[str | None, Any]] = {f.name: (None, f) for f in fields(cls) if not (sectioned and f.name == "settings")}
+    for modality, section in section_types(cls._sections).items() if sectioned else []:
+        for f in fields(section):
+            out[flat_name(modality, f)] = (modality, f)
+    return out
+
+
+def _copy_section(value: Any, section: type, modality: str) -> Any:
+    if isinstance(value, section):
+        return copy.deepcopy(value)
+    if isinstance(value, dict):
+        known = {f.name for f in fields(section)}
+        return section(**{k: v for k, v in value.items() if k in known})
+    raise CMMAError(f"The {modality} settings must be a {section.__name__} or a table, not {type(value).__name__}.")
+
+
+def with_sections(stage_attr: str) -> Callable[[type], type]:
+    """Make a dataclass stage config carry one section per registered modality (see the module docstring)."""
+
+    def decorate(cls: type) -> type:
+        cls._sections = stage_attr
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            given = kwargs.pop("settings", None) or {}
+            types_ = section_types(stage_attr)
+            core = {f.name for f in fields(cls)}
+            flat = {name: owner for name, owner in flat_fields(cls).items() if owner[0] is not None}
+            routed: dict[str, dict[str, Any]] = {}
+            for key in [k for k in kwargs if k not in core or k in types_]:
+                value = kwargs[key]
+                if key in types_ and (is_dataclass(value) or isinstance(value, dict)):
+                    given = {**given, key: kwargs.pop(key)}
+                elif key in flat:
+                    modality, f = flat[key]
+                    routed.setdefault(modality, {})[f.name] = kwargs.pop(key)
+            init(self, *args, **kwargs)
+            sections = {}
+            for modality, section in types_.items():
+                value = _copy_section(given[modality], section, modality) if modality in given else section()
+                for name, v in routed.get(modality, {}).items():
+                    setattr(value, name, v)
+                sections[modality] = value
+            self.settings = sections
+
+        def __getattr__(self, name: str) -> Any:
+            sections = self.__dict__.get("settings")
+            if sections is not None and name in sections:
+                return sections[name]
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+        cls.__init__ = __init__
+        cls.__getattr__ = __getattr__
+        return cls
+
+    return decorate
+
 
 def as_dict(config: Any) -> dict[str, Any]:
-    """A config as a plain dict (what manifests record)."""
-    return asdict(config)
+    """A config as a plain dict (what manifests record): core fields, then one table per modality section."""
+    sectioned = bool(getattr(type(config), "_sections", ""))
+    out = {f.name: copy.deepcopy(getattr(config, f.name)) for f in fields(config) if not (sectioned and f.name == "settings")}
+    for name, section in (config.settings if sectioned else {}).items():
+        out[name] = asdict(section)
+    return out
+
+
+def flat_dict(config: Any) -> dict[str, Any]:
+    """``{flat name: value}`` of every setting: what a TOML ``--config`` table and the command line take."""
+    out = {}
+    for name, (modality, f) in flat_fields(type(config)).items():
+        out[name] = copy.deepcopy(getattr(config if modality is None else config.settings[modality], f.name))
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """A config of ``cls`` from what :func:`as_dict` wrote (or an older flat layout); unknown keys are ignored."""
+    known = flat_fields(cls)
+    sections = section_types(getattr(cls, "_sections", "")) if getattr(cls, "_sections", "") else {}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            values[key] = value
+        elif key in known:
+            values[key] = value
+    return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------ TOML files
 
 
 def load_toml_section(path: Path, section: str, cls: type) -> dict[str, Any]:
-    """The ``[section]`` table of a TOML config file, checked against the fields of ``cls``."""
+    """The ``[section]`` table of a TOML config file as flat settings, checked against what ``cls`` takes.
+
+    Modality settings may be flat keys (``xrd_channels = 8``) or a nested table (``[train.xrd]``, ``channels = 8``).
+    """
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CMMAError(f"Config file {path} does not exist: check the path given to --config.") from None
     except tomllib.TOMLDecodeError as exc:
         raise CMMAError(f"Config file {path} is not valid TOML ({exc}): fix it or leave out --config.") from None
-    table = data.get(section, {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
+    table = dict(data.get(section, {}))
+    sections = section_types(getattr(cls, "_sections", "")) if getattr(cls, "_sections", "") else {}
+    for modality, kind in sections.items():
+        nested = table.get(modality)
+        if isinstance(nested, dict):
+            table.pop(modality)
+            names = {f.name: flat_name(modality, f) for f in fields(kind)}
+            unknown = sorted(set(nested) - set(names))
+            if unknown:
+                raise CMMAError(f"Config file {path} has unknown [{section}.{modality}] keys {unknown}: the known "
+                                f"keys are {sorted(names)}.")
+            table.update({names[k]: v for k, v in nested.items()})
+    known = flat_fields(cls)
+    unknown = sorted(set(table) - set(known))
     if unknown:
-        raise CMMAError(
-            f"Config file {path} has unknown [{section}] keys {unknown}: the known keys are {sorted(known)}."
-        )
-    return table
+        raise CMMAError(f"Config file {path} has unknown [{section}] keys {unknown}: the known keys are {sorted(known)}.")
+    return {key: coerce(cls, key, value, f"Config file {path}: [{section}] {key}") for key, value in table.items()}
+
+
+# ---------------------------------------------------------------------------------------- types, checks
+
+
+def base_type(annotation: Any) -> tuple[Any, bool, bool]:
+    """(the non-None type, whether it is a list, whether None is allowed) of an annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner, is_list, _ = base_type(args[0])
+        return inner, is_list, True
+    if origin is list:
+        return typing.get_args(annotation)[0], True, False
+    return annotation, False, False
+
+
+def setting_type(cls: type, name: str) -> Any:
+    """The type annotation of setting ``name`` (flat name) of config class ``cls``."""
+    modality, f = flat_fields(cls)[name]
+    owner = cls if modality is None else section_types(cls._sections)[modality]
+    return typing.get_type_hints(owner)[f.name]
+
+
+_KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    """``value`` as setting ``name`` of ``cls`` takes it (comma-separated strings become lists), or one sentence
+    (``where`` says whose value it is: ``--epochs``, or a config file's key)."""
+    base, is_list, optional = base_type(setting_type(cls, name))
+    if value is None:
+        if optional:
+            return None
+        raise CMMAError(f"{where} must be {_KIND.get(base, base.__name__)}, not empty.")
+    if is_list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                return [base(v) for v in value]
+            except ValueError:
+                raise CMMAError(f"{where} takes comma-separated {_KIND.get(base, base.__name__)} values, not "
+                                f"{','.join(value)!r}.") from None
+        if not isinstance(value, list):
+            raise CMMAError(f"{where} must be a list of {_KIND.get(base, base.__name__)} values, not {value!r}.")
+        return [_one(base, v, where) for v in value]
+    return _one(base, value, where)
+
+
+def _one(base: Any, value: Any, where: str) -> Any:
+    ok = (isinstance(value, bool) if base is bool else
+          isinstance(value, int) and not isinstance(value, bool) if base is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+          isinstance(value, str) if base is str else True)
+    if not ok:
+        raise CMMAError(f"{where} must be {_KIND.get(base, getattr(base, '__name__', str(base)))}, not {value!r}.")
+    return float(value) if base is float else value
+
+
+def _choices(f) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def validate(config: Any) -> Any:
+    """Check every setting with ``choices`` or a ``check`` in its metadata; one sentence for the first bad one.
+
+    Every stage calls it before it reads any data (and the command line when the command starts).
+    """
+    cls = type(config)
+    for name, (modality, f) in flat_fields(cls).items():
+        value = getattr(config if modality is None else config.settings[modality], f.name)
+        flag = "--" + name.replace("_", "-")
+        choices = _choices(f)
+        if choices is not None and value is not None:
+            items = value if isinstance(value, list) else [value]
+            bad = [v for v in items if v not in choices]
+            if bad or (isinstance(value, list) and not value and f.metadata.get("verb")):
+                verb = f.metadata.get("verb", "be one of")
+                shown = ",".join(map(str, value)) if isinstance(value, list) else repr(value)
+                raise CMMAError(f"{flag} must {verb} {', '.join(map(str, choices))}, not {shown or 'nothing'}.")
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            check(value)
+    return config
 
 
 @dataclass
@@ -55,43 +272,47 @@ class FetchConfig:
     chunk_size: int = 500  # materials per request (mp); the unit of resumption
 
 
+@with_sections("preprocess_config")
 @dataclass
 class PreprocessConfig:
-    """``cmma preprocess``: how raw data becomes graphs, clean text, XRD patterns and splits."""
+    """``cmma preprocess``: how raw data becomes each modality's columns, and the splits.
 
-    cutoff: float = 5.0  # radius (Angstrom) of the periodic neighbour graph
-    max_neighbors: int | None = None  # keep at most this many nearest neighbours per atom (ties kept)
-    min_distance: float = 0.5  # atoms closer than this (Angstrom) overlap: the structure is rejected
+    The modality settings (graph cutoff, XRD grid, user folders of measured patterns or images) are the
+    sections each modality declares; these are the stage's own.
+    """
+
     max_sites: int | None = None  # structures with more sites are rejected (None: no cap)
-    xrd: bool = True  # compute a powder XRD pattern for every structure
-    two_theta_min: float = 10.0  # start of the XRD 2-theta grid (degrees)
-    two_theta_max: float = 90.0  # end of the XRD 2-theta grid (degrees)
-    two_theta_step: float = 0.05  # XRD grid resolution (degrees); 10-90 at 0.05 gives 1601 points
-    xrd_fwhm: float = 0.2  # Gaussian peak width (FWHM, degrees) used to broaden computed patterns
-    wavelength: str = "CuKa"  # X-ray source for computed patterns (a pymatgen name, e.g. CuKa, MoKa)
-    xrd_dir: str | None = None  # folder of measured patterns <material_id>.xy/.txt/.csv (2-theta, intensity)
-    image_dir: str | None = None  # folder of images <material_id>.png/.jpg/.tif
-    split_by: str = "composition"  # group splits by reduced composition, or by chemical system: chemsys
+    split_by: str = field(default="composition", metadata={"choices": ("composition", "chemsys")})  # group splits by reduced composition, or by chemical system: chemsys
     val_fraction: float = 0.1  # share of materials in the validation split
     test_fraction: float = 0.1  # share of materials in the test split
     seed: int = 0  # seed of the split assignment
     workers: int | None = None  # worker processes (None: all cores, 1 per 200 materials at most); same output
     chunk_size: int = 1024  # materials read, featurized and written per step; does not change the output
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)
 
 
+def _modality_names() -> tuple[str, ...]:
+    return tuple(_registry())
+
+
+@with_sections("train_config")
 @dataclass
 class TrainConfig:
-    """``cmma train``: which modalities to align, the model's sizes and the optimisation."""
+    """``cmma train``: which modalities to align, the model's sizes and the optimisation.
 
-    modalities: list[str] = field(default_factory=lambda: ["structure", "text", "xrd"])  # structure|text|xrd|image
+    Each modality's encoder settings (``--structure-encoder``, ``--text-tune``, ``--xrd-channels``, ...) are
+    the section its module declares.
+    """
+
+    modalities: list[str] = field(default_factory=lambda: ["structure", "text", "xrd"])  # modalities to align (registered: structure, text, xrd, image, ...)
     pairs: str = "all"  # modality pairs in the loss: all | anchor:<modality> | a-b,c-d
     in_modality_negatives: bool = False  # also contrast against other samples of the anchor's own modality
-    objective: str = "contrastive"  # contrastive | predict (properties only, no alignment) | contrastive+predict
+    objective: str = field(default="contrastive", metadata={"choices": ("contrastive", "predict", "contrastive+predict")})  # contrastive | predict (properties only, no alignment) | contrastive+predict
     predict_properties: list[str] = field(default_factory=list)  # properties the predict objective regresses (empty: every numeric one of processed/)
     predict_weight: float = 1.0  # weight of the property loss beside the contrastive one, for contrastive+predict
     epochs: int = 30  # passes over the train split
     batch_size: int = 128  # materials per process and step (negatives grow with the number of processes)
-    lr: float = 1e-3  # peak AdamW learning rate (encoders other than text, heads, temperature)
+    lr: float = 1e-3  # peak AdamW learning rate (encoders without their own rate, heads, temperature)
     weight_decay: float = 0.2  # AdamW weight decay as in CLIP (matrices only: not biases, norms, the temperature)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.01  # the cosine schedule ends at this fraction of the peak learning rate
@@ -101,26 +322,11 @@ class TrainConfig:
     proj_hidden: int = 512  # hidden width of the projection heads
     temperature: float = 0.07  # initial softmax temperature (logit scale 1/0.07, learnt, capped at 100)
     learn_temperature: bool = True  # learn the temperature (else keep the initial one)
-    structure_encoder: str = "schnet"  # schnet | cgcnn | painn
-    structure_hidden: int = 128  # width of the atom features (and of the structure encoder's output)
-    structure_layers: int = 3  # message-passing layers
-    num_rbf: int = 50  # Gaussian radial basis functions of the edge distances
-    pooling: str = "mean"  # atoms -> material: mean | sum
-    text_model: str = "all-MiniLM-L6-v2"  # the offline built-in, a Hugging Face id or a local folder
-    text_tune: str = "frozen"  # frozen (embeddings cached) | full | top:K (fine-tune the top K layers)
-    text_lr: float = 2e-5  # learning rate of the text model when it is fine-tuned
-    text_max_length: int = 256  # tokens per text (longer texts are truncated)
-    text_sources: list[str] = field(default_factory=lambda: ["description", "synthesis"])  # texts a material draws from
-    xrd_channels: int = 32  # width of the first XRD convolution (doubles twice)
-    xrd_out_dim: int = 256  # width of the XRD encoder's output
-    xrd_augment: bool = True  # shift (up to 0.15 deg) and modulate training patterns as measurements differ
-    image_model: str = "resnet18"  # any timm model name (image modality only)
-    image_pretrained: bool = True  # start from timm's pretrained weights where they can be downloaded
-    image_size: int = 224  # images are resized to this many pixels square
-    best_metric: str = "val_loss"  # what picks best.pt: val_loss (lowest) | val_r1 (highest)
+    best_metric: str = field(default="val_loss", metadata={"choices": ("val_loss", "val_r1")})  # what picks best.pt: val_loss (lowest) | val_r1 (highest)
     seed: int = 0  # seeds the initialisation, batch order, text sampling, augmentation and dropout
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     workers: int | None = None  # data-loader processes per rank (None: 4 on GPU, 0 on CPU); does not change results
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)
 
     @property
     def predicts(self) -> bool:
@@ -134,7 +340,7 @@ class EmbedConfig:
 
     run: str | None = None  # the run to embed with (None: the newest finished run)
     checkpoint: str = "best"  # best | last | a .pt file
-    index: str = "flat"  # flat (exact inner product) | ivf (approximate, for millions of materials)
+    index: str = field(default="flat", metadata={"choices": ("flat", "ivf")})  # flat (exact inner product) | ivf (approximate, for millions of materials)
     nlist: int | None = None  # IVF cells (None: about 4 sqrt(n), at least 39 vectors per cell)
     nprobe: int = 16  # IVF cells searched per query
     batch_size: int = 256  # materials per forward pass; does not change the output
@@ -155,19 +361,20 @@ class RetrieveConfig:
     threads: int | None = None  # CPU threads for encoding and search (None: torch's and faiss's defaults)
 
 
+@with_sections("evaluate_config")
 @dataclass
 class EvaluateConfig:
     """``cmma evaluate``: which run's embeddings to judge, which sections to run, and their settings."""
 
     run: str | None = None  # the embedded run to evaluate (None: the newest run with embeddings)
-    sections: list[str] = field(default_factory=lambda: ["probes", "retrieval", "synthesis", "latent", "baselines", "explain"])  # report sections to run
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS), metadata={"choices": SECTIONS, "verb": "name some of"})  # report sections to run
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # K of Recall@K
     hull_threshold: float = 0.0  # stable when energy_above_hull <= this (eV/atom), where is_stable is absent
     gap_threshold: float = 0.0  # metal when band_gap <= this (eV), where is_metal is absent
     probe_hidden: int = 128  # hidden width of the MLP probes
     min_train: int = 10  # a probe needs at least this many train rows with the target...
     min_test: int = 5  # ...and this many test rows
-    maps: list[str] = field(default_factory=lambda: ["umap", "tsne"])  # 2-D maps of the unified space: umap | tsne
+    maps: list[str] = field(default_factory=lambda: ["umap", "tsne"], metadata={"choices": ("umap", "tsne"), "verb": "name some of"})  # 2-D maps of the unified space: umap | tsne
     purity_k: int = 10  # neighbours in the neighbourhood-purity score
     interpolation_steps: int = 7  # points on the path between two materials' embeddings
     baseline_epochs: int = 40  # epochs of each supervised baseline model
@@ -181,3 +388,4 @@ class EvaluateConfig:
     ablation_dims: list[int] = field(default_factory=lambda: [32, 128, 256])  # latent dimensions of --ablation dim
     seed: int = 0  # seeds the probes, the baselines and the maps
     device: str = "auto"  # where supervised baselines train (and ablation runs embed): auto | cpu | cuda[:N]
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)

@@ -33,8 +33,6 @@ from cmma_cli.modalities.base import Context
 #: CLIP's cap on the logit scale (a temperature of 0.01).
 MAX_LOGIT_SCALE = 100.0
 CHECKPOINT_FORMAT = 1
-#: Spec entries that describe the data or its handling, not the network (no grounds to refuse a resume).
-DERIVED_KEYS = {"avg_neighbors", "augment", "max_shift", "sources"}
 
 
 def model_spec(cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
@@ -49,7 +47,7 @@ def model_spec(cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]
         "proj_hidden": cfg.proj_hidden,
         "temperature": cfg.temperature,
         "learn_temperature": cfg.learn_temperature,
-        "encoders": {m: get_modality(m).spec(cfg, table, ctx) for m in cfg.modalities},
+        "encoders": {m: get_modality(m).spec(getattr(cfg, m, None), table, ctx) for m in cfg.modalities},
         **({"predict": predict_spec(cfg, table, ctx)} if cfg.predicts else {}),
     }
 
@@ -194,7 +192,7 @@ def spec_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
         diffs.append(f"predicted properties {','.join(heads[0]) or '(none)'} -> {','.join(heads[1]) or '(none)'}")
     for m in set(saved["modalities"]) & set(wanted["modalities"]):
         a, b = saved["encoders"][m], wanted["encoders"][m]
-        for key in sorted((set(a) | set(b)) - DERIVED_KEYS):
+        for key in sorted((set(a) | set(b)) - get_modality(m).derived_keys):
             if a.get(key) != b.get(key):
                 diffs.append(f"{m} {key} {a.get(key)} -> {b.get(key)}")
     return diffs
@@ -202,8 +200,8 @@ def spec_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 def build_model(spec: dict[str, Any], for_loading: bool = False) -> CMMAModel:
     """A fresh model from ``spec``; ``for_loading`` skips downloading pretrained weights the checkpoint replaces."""
-    if for_loading and "image" in spec["encoders"]:
-        spec = {**spec, "encoders": {**spec["encoders"], "image": {**spec["encoders"]["image"], "pretrained": False}}}
+    if for_loading:
+        spec = {**spec, "encoders": {m: get_modality(m).loading_spec(s) for m, s in spec["encoders"].items()}}
     return CMMAModel(spec)
 
 

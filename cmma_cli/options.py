@@ -13,16 +13,14 @@ import functools
 import inspect
 import io
 import tokenize
-import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Union
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from cmma_cli.config import load_toml_section
-from cmma_cli.errors import CMMAError
+from cmma_cli.config import base_type, coerce, flat_fields, load_toml_section, section_types, validate
 
 CONFIG_PARAM = "config"
 
@@ -43,17 +41,6 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(the non-None type, whether it is a list) of a field annotation such as ``int | None`` or ``list[str]``."""
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0])
-    if origin is list:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
 def _default_text(f) -> str:
     value = f.default_factory() if f.default_factory is not MISSING else f.default
     if isinstance(value, list):
@@ -62,15 +49,15 @@ def _default_text(f) -> str:
 
 
 def _parameters(cls: type, skip: set[str]) -> list[inspect.Parameter]:
-    hints = typing.get_type_hints(cls)
-    helps = field_help(cls)
+    """One keyword parameter per setting of ``cls`` (its own fields, then each modality's section, flat)."""
     params = []
-    for f in fields(cls):
-        if f.name in skip:
+    for name, (modality, f) in flat_fields(cls).items():
+        if name in skip:
             continue
-        base, is_list = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{helps.get(f.name, '')} (default: {_default_text(f)})".strip()
+        owner = cls if modality is None else section_types(cls._sections)[modality]
+        base, is_list, _ = base_type(typing.get_type_hints(owner)[f.name])
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field_help(owner).get(f.name, '')} (default: {_default_text(f)})".strip()
         if base is bool:
             decls = [f"{flag}/--no-{flag[2:]}"]
             kind = Optional[bool]
@@ -79,22 +66,11 @@ def _parameters(cls: type, skip: set[str]) -> list[inspect.Parameter]:
             kind = Optional[str] if is_list else Optional[base]
             if is_list:
                 help_text = "Comma-separated. " + help_text
-        option = typer.Option(*decls, help=help_text, show_default=False, rich_help_panel="Settings")
-        params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option])
-        )
+        panel = "Settings" if modality is None else f"{modality} settings"
+        option = typer.Option(*decls, help=help_text, show_default=False, rich_help_panel=panel)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[kind, option]))
     return params
-
-
-def _convert(cls: type, name: str, value: Any) -> Any:
-    base, is_list = _base_type(typing.get_type_hints(cls)[name])
-    if is_list and isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        try:
-            return [base(v) for v in items]
-        except ValueError:
-            raise CMMAError(f"--{name.replace('_', '-')} takes comma-separated {base.__name__} values, not {value!r}.") from None
-    return value
 
 
 def with_config(cls: type, section: str, skip: tuple[str, ...] = ()) -> Callable:
@@ -125,8 +101,8 @@ def with_config(cls: type, section: str, skip: tuple[str, ...] = ()) -> Callable
             if config_file is not None:
                 values.update(load_toml_section(config_file, section, cls))
             values.update({k: v for k, v in given.items() if v is not None})
-            values = {k: _convert(cls, k, v) for k, v in values.items()}
-            return fn(*args, cfg=cls(**values), **kwargs)
+            values = {k: coerce(cls, k, v, "--" + k.replace("_", "-")) if k in given else v for k, v in values.items()}
+            return fn(*args, cfg=validate(cls(**values)), **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=own + [config_opt] + extra)
         wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}

@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from cmma_cli.config import TrainConfig, as_dict
+from cmma_cli.config import TrainConfig, as_dict, flat_dict, validate
 from cmma_cli.console import console
 from cmma_cli.errors import CMMAError
 from cmma_cli.loss import MultiModalInfoNCE, pair_name, parse_pairs, property_loss
@@ -141,23 +141,21 @@ def devices(gpus: int | None) -> tuple[str, int, str | None]:
 
 def _check_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its modality list cleaned, or one sentence about the first bad option."""
-    cfg = replace(cfg, modalities=check_modalities(cfg.modalities))
+    cfg = replace(validate(cfg), modalities=check_modalities(cfg.modalities))
     parse_pairs(cfg.pairs, cfg.modalities)
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise CMMAError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}.")
-    if cfg.lr <= 0 or cfg.text_lr <= 0:
-        raise CMMAError(f"--lr and --text-lr must be positive, not {cfg.lr} and {cfg.text_lr}.")
+    if cfg.lr <= 0:
+        raise CMMAError(f"--lr must be positive, not {cfg.lr}.")
+    for m in cfg.modalities:
+        rate = get_modality(m).learning_rate(getattr(cfg, m, None))
+        if rate is not None and rate <= 0:
+            raise CMMAError(f"--{m}-lr must be positive, not {rate}.")
     if not 0 <= cfg.modality_dropout < 1:
         raise CMMAError(f"--modality-dropout is a probability in [0, 1), not {cfg.modality_dropout}.")
-    if cfg.best_metric not in BEST_METRICS:
-        raise CMMAError(f"--best-metric must be one of {', '.join(BEST_METRICS)}, not {cfg.best_metric!r}.")
-    if cfg.precision not in PRECISIONS:
-        raise CMMAError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}.")
     if cfg.workers is not None and cfg.workers < 0:
         raise CMMAError(f"--workers must be 0 or more, not {cfg.workers}.")
-    if cfg.objective not in OBJECTIVES:
-        raise CMMAError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}.")
     if not (cfg.predict_weight > 0 and math.isfinite(cfg.predict_weight)):
         raise CMMAError(f"--predict-weight must be a positive number, not {cfg.predict_weight}.")
     if cfg.predict_properties and not cfg.predicts:
@@ -197,7 +195,8 @@ def make_plan(ws: Workspace, cfg: TrainConfig, run: str | None, resume: str | No
     # the spec measures the graphs' mean neighbour count (and the properties' train mean and std for a
     # predict objective); the rest of the data is read by the ranks
     properties = list(manifest.get("properties", [])) if cfg.predicts else []
-    train_table, _ = read_splits(ws, cfg.modalities, columns=["atomic_numbers", "edge_src", *properties])
+    measured = [c for m in cfg.modalities for c in get_modality(m).spec_columns()]
+    train_table, _ = read_splits(ws, cfg.modalities, columns=[*measured, *properties])
     ctx = Context(manifest, cache_dir=ws.cache)
     wanted = model_spec(cfg, train_table, ctx)
     spec = wanted
@@ -294,15 +293,17 @@ def _usable(materials: MaterialSet) -> np.ndarray:
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay, vectors (biases, norms, temperature) do not; the text model at ``text_lr``."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW groups: matrices decay, vectors (biases, norms, temperature) do not; an encoder whose modality names
+    its own learning rate (a fine-tuned text model) trains at that rate."""
+    own = {m: get_modality(m).learning_rate(getattr(cfg, m, None)) for m in model.modalities}
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((name.startswith("encoders.text."), p.ndim >= 2), []).append(p)
-    return [
-        {"params": params, "lr": cfg.text_lr if text else cfg.lr, "weight_decay": cfg.weight_decay if decay else 0.0}
-        for (text, decay), params in sorted(groups.items())
-    ]
+            parts = name.split(".")
+            rate = own.get(parts[1]) if parts[0] == "encoders" else None
+            groups.setdefault((rate if rate is not None else cfg.lr, p.ndim >= 2), []).append(p)
+    return [{"params": params, "lr": rate, "weight_decay": cfg.weight_decay if decay else 0.0}
+            for (rate, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != cfg.lr, kv[0]))]
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -426,7 +427,7 @@ def _toml_value(value: Any) -> str:
 
 def write_config_toml(cfg: TrainConfig, path: Path) -> None:
     """The config as a ``[train]`` table (``None`` values, which TOML cannot hold, are left out)."""
-    lines = ["[train]"] + [f"{k} = {_toml_value(v)}" for k, v in as_dict(cfg).items() if v is not None]
+    lines = ["[train]"] + [f"{k} = {_toml_value(v)}" for k, v in flat_dict(cfg).items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
 
 

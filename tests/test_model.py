@@ -18,7 +18,7 @@ from cmma_cli.modalities import check_modalities, get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import MaterialSet
 from cmma_cli.model import MAX_LOGIT_SCALE, build_model, load_model, model_spec, save_checkpoint, spec_mismatch
-from cmma_cli.preprocess.graphs import build_graph
+from cmma_cli.modalities.structure.graphs import build_graph
 
 STRUCTURES = Path(pymatgen.util.__file__).parent / "structures"
 CUTOFF = 5.0

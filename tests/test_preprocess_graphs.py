@@ -9,7 +9,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from scipy.spatial.transform import Rotation
 
-from cmma_cli.preprocess.graphs import StructureRejected, build_graph
+from cmma_cli.modalities.structure.graphs import StructureRejected, build_graph
 
 CU_A = 3.615  # fcc copper lattice constant (Angstrom)
 

@@ -18,8 +18,8 @@ from pymatgen.core import Lattice, Structure
 from cmma_cli.config import PreprocessConfig
 from cmma_cli.errors import CMMAError
 from cmma_cli.preprocess import run_preprocess
-from cmma_cli.preprocess.graphs import build_graph
-from cmma_cli.preprocess.spectra import XRDGrid, computed_pattern, measured_pattern
+from cmma_cli.modalities.structure.graphs import build_graph
+from cmma_cli.modalities.xrd.patterns import XRDGrid, computed_pattern, measured_pattern
 from cmma_cli.sources.recipes import link_recipes
 from cmma_cli.sources.schema import conform_descriptions, conform_materials, rejects_frame
 from cmma_cli.sources.structures import material_record
@@ -243,7 +243,7 @@ def test_rerun_skips_and_force_redoes(raw_dir, tmp_path, capsys):
     assert forced["config_hash"] == first["config_hash"]
     wider = run_preprocess(ws, PreprocessConfig(workers=1, xrd=False, cutoff=6.0))  # a new config redoes
     assert wider["graphs"]["edges"] > first["graphs"]["edges"]
-    assert read_manifest(ws.processed)["config"]["cutoff"] == 6.0
+    assert read_manifest(ws.processed)["config"]["structure"]["cutoff"] == 6.0
 
 
 def test_changed_measured_folder_reruns(raw_dir, tmp_path, user_files):

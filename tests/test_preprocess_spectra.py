@@ -7,7 +7,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from scipy.signal import find_peaks
 
-from cmma_cli.preprocess.spectra import PatternRejected, XRDGrid, computed_pattern, measured_pattern
+from cmma_cli.modalities.xrd.patterns import PatternRejected, XRDGrid, computed_pattern, measured_pattern
 
 # Cu K-alpha1 (1.5406 A) powder lines, degrees 2-theta: NaCl, ICDD 05-0628; Si, NIST SRM 640.
 NACL_PEAKS = [27.37, 31.70, 45.45, 56.48, 66.23, 75.30, 83.98]  # (111) (200) (220) (222) (400) (420) (422)

@@ -1,9 +1,10 @@
 """The modalities a model can align, by name.
 
-Each one lives in its own module (``structure.py``, ``text.py``, ...) as a
-:class:`~cmma_cli.modalities.base.Modality`: the facts its encoder is built from, how it reads the
-processed table, how it collates a batch and its encoder. Adding a modality is one new module plus one
-line in :data:`REGISTRY`.
+Each one lives in its own module or package (``structure/``, ``text/``, ``xrd/``, ``image/``) as a
+:class:`~cmma_cli.modalities.base.Modality`: its processed columns and how preprocess computes them, its
+settings, its encoder, how a user's file becomes a query, and its attributions. Every other module asks
+this registry; adding a modality is one new module plus one line in :data:`REGISTRY` (or, from outside
+the package, one :func:`register` call).
 """
 
 from __future__ import annotations
@@ -15,12 +16,27 @@ from cmma_cli.modalities.structure import StructureModality
 from cmma_cli.modalities.text import TextModality
 from cmma_cli.modalities.xrd import XRDModality
 
-REGISTRY: dict[str, Modality] = {
-    "structure": StructureModality(),
-    "text": TextModality(),
-    "xrd": XRDModality(),
-    "image": ImageModality(),
-}
+#: Registration order is the order of the processed columns, the reports and the preprocess workers
+#: (structure first: a structure it rejects is rejected for every view derived from it).
+REGISTRY: dict[str, Modality] = {m.name: m for m in (
+    StructureModality(),
+    TextModality(),
+    XRDModality(),
+    ImageModality(),
+)}
+
+
+def register(modality: Modality) -> Modality:
+    """Add ``modality`` to the registry (a plug-in's one line); returns it."""
+    if not modality.name or not modality.name.isidentifier():
+        raise ValueError(f"a modality needs an identifier as its name, not {modality.name!r}")
+    REGISTRY[modality.name] = modality
+    return modality
+
+
+def names() -> list[str]:
+    """The registered modality names, in registry order."""
+    return list(REGISTRY)
 
 
 def get_modality(name: str) -> Modality:

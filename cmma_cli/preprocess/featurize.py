@@ -1,9 +1,11 @@
-"""Per-structure work, run in worker processes: raw structure JSON -> crystal graph and XRD pattern.
+"""Per-material work, run in worker processes: raw structure JSON -> every modality's processed columns.
 
-:func:`featurize` never raises for bad input: a structure that cannot be used comes back with a
-reject reason instead, so one broken entry costs one row, not the run. A worker process is set up
-once (:func:`init_worker`) with the options and one :class:`XRDCalculator`, then handles whole chunks
-(:func:`featurize_chunk`), so only structure strings go in and numpy arrays come out.
+:func:`featurize` never raises for bad input: a structure that cannot be used comes back with a reject
+reason instead, so one broken entry costs one row, not the run. It parses the structure once (and applies
+the site cap), then asks each registered modality, in registry order, for its columns
+(:meth:`~cmma_cli.modalities.base.Modality.featurize`). A worker process is set up once
+(:func:`init_worker`) with the config and the modalities, then handles whole chunks (:func:`featurize_chunk`),
+so only structure strings go in and arrays come out.
 """
 
 from __future__ import annotations
@@ -11,99 +13,73 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pymatgen.analysis.diffraction.xrd import XRDCalculator
-from pymatgen.core import Structure
-
-from cmma_cli.preprocess.graphs import CrystalGraph, StructureRejected, build_graph
-from cmma_cli.preprocess.spectra import PatternRejected, XRDGrid, computed_pattern, measured_pattern
+from cmma_cli.modalities.base import Item, Modality
 
 
-@dataclass(frozen=True)
-class FeaturizeOptions:
-    """What a worker needs to know (a picklable slice of the preprocess config)."""
-
-    cutoff: float = 5.0
-    max_neighbors: int | None = None
-    min_distance: float = 0.5
-    max_sites: int | None = None
-    xrd: bool = True
-    grid: XRDGrid = field(default_factory=XRDGrid)
+class StructureUnusable(ValueError):
+    """A raw structure that cannot be read; the message is the reason written to rejects."""
 
 
 @dataclass
 class Featurized:
-    """One material's structure-derived columns, plus why anything is missing."""
+    """One material's processed columns (``{column: value}``), plus why anything is missing."""
 
     material_id: str
-    graph: CrystalGraph | None = None
-    xrd: np.ndarray | None = None
-    xrd_source: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (source, item, reason)
 
 
-def parse_structure(text: Any) -> Structure:
-    """A structure from the raw table's JSON column; ``StructureRejected`` with the reason otherwise."""
+def parse_structure(text: Any):
+    """A structure from the raw table's JSON column; ``StructureUnusable`` with the reason otherwise."""
+    from pymatgen.core import Structure
+
     if not isinstance(text, str) or not text.strip():
-        raise StructureRejected("no structure in the raw data")
+        raise StructureUnusable("no structure in the raw data")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             structure = Structure.from_dict(json.loads(text))
     except Exception as exc:  # malformed JSON or a dict pymatgen cannot read
-        raise StructureRejected(f"unreadable structure ({type(exc).__name__}: {str(exc).strip()[:120]})") from exc
+        raise StructureUnusable(f"unreadable structure ({type(exc).__name__}: {str(exc).strip()[:120]})") from exc
     if len(structure) == 0:
-        raise StructureRejected("structure has no sites")
+        raise StructureUnusable("structure has no sites")
     return structure
 
 
-def featurize(
-    material_id: str,
-    structure_json: Any,
-    measured: str | None,
-    options: FeaturizeOptions,
-    calculator: XRDCalculator | None = None,
-) -> Featurized:
-    """Graph and XRD for one material (a measured pattern, when given and readable, wins over a computed one)."""
-    out = Featurized(material_id=material_id)
-    if measured is not None:
-        try:
-            out.xrd, out.xrd_source = measured_pattern(Path(measured), options.grid), "measured"
-        except (PatternRejected, OSError, UnicodeError) as exc:
-            out.rejects.append(("measured_xrd", measured, str(exc)))
+def featurize(material_id: str, structure_json: Any, linked: dict[str, Any], cfg: Any,
+              modalities: list[Modality]) -> Featurized:
+    """Every modality's columns for one material (``linked``: what each modality's gather found for it)."""
+    structure = None
+    rejects: list[tuple[str, str, str]] = []
     try:
         structure = parse_structure(structure_json)
-        if options.max_sites is not None and len(structure) > options.max_sites:
-            raise StructureRejected(f"{len(structure)} sites, more than the cap of {options.max_sites}")
-        out.graph = build_graph(structure, options.cutoff, options.max_neighbors, options.min_distance)
-    except StructureRejected as exc:
-        out.rejects.append(("structure", material_id, str(exc)))
-        return out
-    if options.xrd and out.xrd is None:
-        try:
-            out.xrd, out.xrd_source = computed_pattern(structure, options.grid, calculator), "computed"
-        except PatternRejected as exc:
-            out.rejects.append(("xrd", material_id, str(exc)))
-    return out
+        if cfg.max_sites is not None and len(structure) > cfg.max_sites:
+            raise StructureUnusable(f"{len(structure)} sites, more than the cap of {cfg.max_sites}")
+    except StructureUnusable as exc:
+        rejects.append(("structure", material_id, str(exc)))
+        structure = None
+    item = Item(material_id, structure, linked, rejects)
+    values: dict[str, Any] = {}
+    for modality in modalities:
+        values.update(modality.featurize(item, getattr(cfg, modality.name, None)))
+    return Featurized(material_id, values, item.rejects)
 
 
-_OPTIONS: FeaturizeOptions | None = None
-_CALCULATOR: XRDCalculator | None = None
+_CFG: Any = None
+_MODALITIES: list[Modality] = []
 
 
-def init_worker(options: FeaturizeOptions) -> None:
-    """Process initializer: keep the options and one XRD calculator for every chunk this worker gets."""
-    global _OPTIONS, _CALCULATOR
-    _OPTIONS = options
-    _CALCULATOR = XRDCalculator(wavelength=options.grid.wavelength)
+def init_worker(cfg: Any, modalities: list[Modality]) -> None:
+    """Process initializer: keep the config and the modalities for every chunk this worker gets."""
+    global _CFG, _MODALITIES
+    _CFG, _MODALITIES = cfg, modalities
     warnings.filterwarnings("ignore")  # pymatgen's structure warnings would flood the terminal
 
 
-def featurize_chunk(items: list[tuple[str, Any, str | None]]) -> list[Featurized]:
-    """Featurize ``(material_id, structure_json, measured_path)`` items with this worker's options."""
-    if _OPTIONS is None:
+def featurize_chunk(items: list[tuple[str, Any, dict[str, Any]]]) -> list[Featurized]:
+    """Featurize ``(material_id, structure_json, linked)`` items with this worker's config."""
+    if _CFG is None:
         raise RuntimeError("featurize_chunk called in a process that init_worker did not set up")
-    return [featurize(mid, text, measured, _OPTIONS, _CALCULATOR) for mid, text, measured in items]
+    return [featurize(mid, text, linked, _CFG, _MODALITIES) for mid, text, linked in items]

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from cmma_cli.errors import CMMAError
 
-PATTERN_SUFFIXES = (".xy", ".xye", ".txt", ".csv", ".dat")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def _files(folder: Path, option: str) -> list[Path]:
@@ -42,20 +40,6 @@ def scan_keyed_folder(
         else:
             found[path.stem] = path.resolve()
     return found, rejects
-
-
-def image_problem(path: Path) -> str | None:
-    """Why ``path`` is not a readable image, or ``None`` when it opens."""
-    try:
-        from PIL import Image  # pillow comes with matplotlib, which pymatgen needs
-    except ImportError:  # without pillow, trust the suffix
-        return None if path.stat().st_size > 0 else "empty file"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as exc:  # pillow raises many types for broken files
-        return f"not a readable image ({type(exc).__name__})"
-    return None
 
 
 def folder_fingerprint(folder: Path | None) -> str | None:

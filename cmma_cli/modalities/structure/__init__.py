@@ -1,0 +1,175 @@
+"""Crystal structure: a message-passing network over the periodic radius graph (PyTorch Geometric).
+
+``cmma preprocess`` builds each material's graph (:mod:`~cmma_cli.modalities.structure.graphs`: atomic
+numbers, directed edges centre -> neighbour, edge distances and cartesian edge vectors, periodic images
+included), so no neighbour search runs at training time. Messages flow from the neighbour to the centre
+atom. The architecture is chosen by name from :mod:`~cmma_cli.modalities.structure.encoders` (``schnet``
+by default, ``cgcnn``, ``painn``). All see only distances (and, for PaiNN, directions combined into
+rotation invariants), atom types and graph connectivity, and pool atoms by mean or sum: the material
+vector is invariant to rotation, translation and the order of the sites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.base import Context, Item, Modality, Prepared, csr, ragged_index
+from cmma_cli.modalities.structure import encoders
+
+POOLINGS = ("mean", "sum")
+
+
+@dataclass
+class StructurePreprocess:
+    """How a structure becomes a graph (``cmma preprocess``)."""
+
+    cutoff: float = field(default=5.0, metadata={"flag": "cutoff"})  # radius (Angstrom) of the periodic neighbour graph
+    max_neighbors: int | None = field(default=None, metadata={"flag": "max_neighbors"})  # keep at most this many nearest neighbours per atom (ties kept)
+    min_distance: float = field(default=0.5, metadata={"flag": "min_distance"})  # atoms closer than this (Angstrom) overlap: the structure is rejected
+
+
+@dataclass
+class StructureSettings:
+    """The structure encoder (``cmma train``)."""
+
+    encoder: str = field(default="schnet", metadata={"choices": encoders.names})  # architecture: schnet | cgcnn | painn
+    hidden: int = 128  # width of the atom features (and of the structure encoder's output)
+    layers: int = 3  # message-passing layers
+    num_rbf: int = field(default=50, metadata={"flag": "num_rbf"})  # Gaussian radial basis functions of the edge distances
+    pooling: str = field(default="mean", metadata={"flag": "pooling", "choices": POOLINGS})  # atoms -> material: mean | sum
+
+
+@dataclass
+class StructureData(Prepared):
+    """Graphs of every row as flat arrays with offsets (CSR), ready for vectorised batching."""
+
+    present: np.ndarray
+    z: np.ndarray  # (total atoms,) int64
+    node_offsets: np.ndarray  # (rows + 1,)
+    src: np.ndarray  # (total edges,) int64, centre atom (local index)
+    dst: np.ndarray  # (total edges,) int64, neighbour (local index)
+    dist: np.ndarray  # (total edges,) float32
+    vec: np.ndarray  # (total edges, 3) float32
+    edge_offsets: np.ndarray  # (rows + 1,)
+
+
+class StructureModality(Modality):
+    name = "structure"
+    columns = ("atomic_numbers", "edge_src", "edge_dst", "edge_dist", "edge_vec")
+    fields = (
+        pa.field("atomic_numbers", pa.list_(pa.int16())),
+        pa.field("edge_src", pa.list_(pa.int32())),
+        pa.field("edge_dst", pa.list_(pa.int32())),
+        pa.field("edge_dist", pa.list_(pa.float32())),
+        pa.field("edge_vec", pa.list_(pa.float32())),
+    )
+    train_config = StructureSettings
+    preprocess_config = StructurePreprocess
+    derived_keys = frozenset({"avg_neighbors"})
+
+    # ------------------------------------------------------------------------------------ preprocess
+
+    def check(self, cfg: StructurePreprocess) -> None:
+        if not cfg.cutoff > 0:
+            raise CMMAError(f"--cutoff must be a positive distance in Angstrom, not {cfg.cutoff}.")
+        if not 0 <= cfg.min_distance < cfg.cutoff:
+            raise CMMAError(
+                f"--min-distance must be at least 0 and below the cutoff ({cfg.cutoff} A), not {cfg.min_distance}."
+            )
+        if cfg.max_neighbors is not None and cfg.max_neighbors < 1:
+            raise CMMAError(f"--max-neighbors must be at least 1 (or left out), not {cfg.max_neighbors}.")
+
+    def featurize(self, item: Item, cfg: StructurePreprocess) -> dict[str, Any]:
+        """The crystal graph; a structure that cannot become one is rejected for every structure-derived view."""
+        if item.structure is None:
+            return {}
+        from cmma_cli.modalities.structure.graphs import StructureRejected, build_graph
+
+        try:
+            graph = build_graph(item.structure, cfg.cutoff, cfg.max_neighbors, cfg.min_distance)
+        except StructureRejected as exc:
+            item.reject("structure", item.material_id, str(exc))
+            item.structure = None
+            return {}
+        return {name: getattr(graph, name) for name in self.columns}
+
+    def tally(self, table: pa.Table) -> dict[str, dict[str, int]]:
+        nodes = table.column("atomic_numbers")
+        edges = pc.sum(pc.list_value_length(table.column("edge_src"))).as_py() or 0
+        isolated = 0
+        src, offsets, valid = csr(table.column("edge_src"), np.int64)
+        atoms = pc.fill_null(pc.list_value_length(nodes), 0).to_numpy(zero_copy_only=False)
+        for row in np.flatnonzero(valid):
+            isolated += int(atoms[row] > np.unique(src[offsets[row]:offsets[row + 1]]).shape[0])
+        return {"graphs": {"edges": int(edges), "materials_with_isolated_atoms": isolated}}
+
+    def notes(self, counts: dict[str, dict[str, int]]) -> list[str]:
+        isolated = counts.get("graphs", {}).get("materials_with_isolated_atoms", 0)
+        return [f"{isolated} structures have atoms with no neighbour within the cutoff; they stay as nodes without "
+                "edges (raise --cutoff to connect them)."] if isolated else []
+
+    # ----------------------------------------------------------------------------------------- train
+
+    def spec_columns(self) -> tuple[str, ...]:
+        return ("atomic_numbers", "edge_src")
+
+    def spec(self, cfg: StructureSettings, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
+        if cfg.encoder not in encoders.names():
+            raise CMMAError(f"--structure-encoder must be one of {', '.join(encoders.names())}, not {cfg.encoder!r}.")
+        if cfg.pooling not in POOLINGS:
+            raise CMMAError(f"--pooling must be one of {', '.join(POOLINGS)}, not {cfg.pooling!r}.")
+        recorded = ctx.processed_manifest.get("config", {})
+        cutoff = float(recorded.get(self.name, {}).get("cutoff", recorded.get("cutoff", 5.0)))
+        avg_neighbors = 1.0
+        if table is not None:
+            atoms = pc.sum(pc.list_value_length(table.column("atomic_numbers"))).as_py() or 0
+            edges = pc.sum(pc.list_value_length(table.column("edge_src"))).as_py() or 0
+            avg_neighbors = max(1.0, edges / max(atoms, 1))
+        return {
+            "architecture": cfg.encoder,
+            "hidden": cfg.hidden,
+            "layers": cfg.layers,
+            "num_rbf": cfg.num_rbf,
+            "cutoff": cutoff,
+            "pooling": cfg.pooling,
+            "avg_neighbors": round(float(avg_neighbors), 3),
+        }
+
+    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> StructureData:
+        z, node_off, present = csr(table.column("atomic_numbers"), np.int64)
+        src, edge_off, _ = csr(table.column("edge_src"), np.int64)
+        dst, _, _ = csr(table.column("edge_dst"), np.int64)
+        dist, _, _ = csr(table.column("edge_dist"), np.float32)
+        vec, _, _ = csr(table.column("edge_vec"), np.float32)
+        return StructureData(present, z, node_off, src, dst, dist, vec.reshape(-1, 3), edge_off)
+
+    def collate(self, data: StructureData, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
+        """One disjoint union graph: node indices shifted per material, ``batch`` maps atoms to rows."""
+        import torch
+
+        nodes, node_counts = ragged_index(data.node_offsets, rows)
+        edges, edge_counts = ragged_index(data.edge_offsets, rows)
+        first_node = np.concatenate(([0], np.cumsum(node_counts)[:-1]))
+        shift = np.repeat(first_node, edge_counts)
+        # PyG convention: edge_index[0] sends (the neighbour), edge_index[1] receives (the centre atom)
+        edge_index = np.stack([data.dst[edges] + shift, data.src[edges] + shift])
+        return {
+            "z": torch.from_numpy(data.z[nodes]),
+            "edge_index": torch.from_numpy(edge_index),
+            "dist": torch.from_numpy(data.dist[edges]),
+            "vec": torch.from_numpy(data.vec[edges]),
+            "batch": torch.from_numpy(np.repeat(np.arange(len(rows), dtype=np.int64), node_counts)),
+            "num_nodes": torch.from_numpy(node_counts),
+        }
+
+    def encoder(self, spec: dict[str, Any]):
+        return encoders.build(spec)
+
+    def ablation_variants(self, cfg: StructureSettings) -> list[tuple[str, dict[str, Any]]]:
+        return [(name, {"encoder": name}) for name in encoders.names()]

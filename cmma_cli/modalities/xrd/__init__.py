@@ -1,0 +1,217 @@
+"""Powder XRD patterns (and other 1-D spectra on a fixed grid): a small 1-D CNN in plain torch.
+
+``cmma preprocess`` puts every pattern on one 2-theta grid (:mod:`~cmma_cli.modalities.xrd.patterns`),
+computed from the structure with pymatgen, or measured: a folder of ``<material_id>.xy`` files given
+with ``--xrd-dir`` replaces the computed pattern. The encoder is :mod:`~cmma_cli.modalities.xrd.encoder`.
+
+Training batches are augmented (``xrd_augment``) the way real measurements differ from computed
+patterns: a zero-point shift of up to 0.15 degrees and a smooth intensity modulation along 2-theta.
+Evaluation never augments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, csr
+
+#: Training augmentation: a zero-point shift of up to this many degrees 2-theta, and a smooth intensity
+#: modulation (log-normal, this standard deviation, at AUGMENT_KNOTS points) as texture and absorption cause.
+AUGMENT_SHIFT_DEG = 0.15
+AUGMENT_INTENSITY_SD = 0.15
+AUGMENT_KNOTS = 8
+#: Measured pattern files: two-column text (2-theta, intensity).
+PATTERN_SUFFIXES = (".xy", ".xye", ".txt", ".csv", ".dat")
+
+
+@dataclass
+class XRDPreprocess:
+    """The 2-theta grid every pattern is put on, and where measured patterns come from (``cmma preprocess``)."""
+
+    enabled: bool = field(default=True, metadata={"flag": "xrd"})  # compute a powder XRD pattern for every structure
+    two_theta_min: float = field(default=10.0, metadata={"flag": "two_theta_min"})  # start of the XRD 2-theta grid (degrees)
+    two_theta_max: float = field(default=90.0, metadata={"flag": "two_theta_max"})  # end of the XRD 2-theta grid (degrees)
+    two_theta_step: float = field(default=0.05, metadata={"flag": "two_theta_step"})  # XRD grid resolution (degrees); 10-90 at 0.05 gives 1601 points
+    fwhm: float = 0.2  # Gaussian peak width (FWHM, degrees) used to broaden computed patterns
+    wavelength: str = field(default="CuKa", metadata={"flag": "wavelength"})  # X-ray source for computed patterns (a pymatgen name, e.g. CuKa, MoKa)
+    dir: str | None = None  # folder of measured patterns <material_id>.xy/.txt/.csv (2-theta, intensity)
+
+
+@dataclass
+class XRDSettings:
+    """The XRD encoder (``cmma train``)."""
+
+    channels: int = 32  # width of the first XRD convolution (doubles twice)
+    out_dim: int = 256  # width of the XRD encoder's output
+    augment: bool = True  # shift (up to 0.15 deg) and modulate training patterns as measurements differ
+
+
+@dataclass
+class XRDEvaluate:
+    """XRD attributions (``cmma evaluate``)."""
+
+    region: float = 5.0  # width (degrees 2-theta) of the XRD attribution regions
+
+
+@dataclass
+class PatternData(Prepared):
+    present: np.ndarray
+    patterns: np.ndarray  # (rows with a pattern, length) float32
+    position: np.ndarray  # (rows,) int64: the row of ``patterns`` of each table row, -1 when absent
+    augment: bool = False
+    max_shift: int = 0  # grid points
+
+
+def augment(patterns: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Patterns as a real measurement might give them: shifted by a few grid points (zero-point error) and
+    with intensities modulated smoothly along 2-theta (preferred orientation, absorption), rescaled to max 1."""
+    n, length = patterns.shape
+    shifts = rng.integers(-max_shift, max_shift + 1, size=n)
+    out = np.zeros_like(patterns, dtype=np.float32)
+    for i, shift in enumerate(shifts):  # a slice copy per pattern: cheaper than fancy indexing
+        if shift >= 0:
+            out[i, shift:] = patterns[i, : length - shift]
+        else:
+            out[i, :shift] = patterns[i, -shift:]
+    knots = np.exp(rng.normal(0.0, AUGMENT_INTENSITY_SD, size=(n, AUGMENT_KNOTS))).astype(np.float32)
+    grid = np.linspace(0, AUGMENT_KNOTS - 1, length, dtype=np.float32)
+    lo = np.floor(grid).astype(np.int64).clip(0, AUGMENT_KNOTS - 2)
+    frac = grid - lo
+    out *= knots[:, lo] * (1 - frac) + knots[:, lo + 1] * frac
+    peak = out.max(axis=1, keepdims=True)
+    out /= np.where(peak > 0, peak, 1.0)
+    return out
+
+
+def grid_of(cfg: XRDPreprocess):
+    """The :class:`~cmma_cli.modalities.xrd.patterns.XRDGrid` the preprocess settings describe."""
+    from cmma_cli.modalities.xrd.patterns import XRDGrid
+
+    return XRDGrid(cfg.two_theta_min, cfg.two_theta_max, cfg.two_theta_step, cfg.fwhm, cfg.wavelength)
+
+
+_CALCULATORS: dict[str, Any] = {}
+
+
+def _calculator(wavelength: str):
+    """One pymatgen XRDCalculator per wavelength and process (workers reuse it for every structure)."""
+    if wavelength not in _CALCULATORS:
+        from pymatgen.analysis.diffraction.xrd import XRDCalculator
+
+        _CALCULATORS[wavelength] = XRDCalculator(wavelength=wavelength)
+    return _CALCULATORS[wavelength]
+
+
+class XRDModality(Modality):
+    name = "xrd"
+    columns = ("xrd",)
+    fields = (pa.field("xrd", pa.list_(pa.float32())), pa.field("xrd_source", pa.string()))
+    train_config = XRDSettings
+    preprocess_config = XRDPreprocess
+    evaluate_config = XRDEvaluate
+    derived_keys = frozenset({"augment", "max_shift"})
+
+    # ------------------------------------------------------------------------------------ preprocess
+
+    def check(self, cfg: XRDPreprocess) -> None:
+        from pymatgen.analysis.diffraction.xrd import WAVELENGTHS
+
+        if cfg.wavelength not in WAVELENGTHS:
+            raise CMMAError(f"--wavelength {cfg.wavelength!r} is not known: use one of {', '.join(sorted(WAVELENGTHS))}.")
+        if cfg.dir and not Path(cfg.dir).expanduser().is_dir():
+            raise CMMAError(f"The folder {cfg.dir} given to --xrd-dir does not exist: pass a folder of <material_id> files.")
+        try:
+            grid_of(cfg)
+        except ValueError as exc:
+            raise CMMAError(f"The XRD grid options are inconsistent: {exc}.") from None
+
+    def folders(self, cfg: XRDPreprocess) -> dict[str, str | None]:
+        return {"dir": cfg.dir}
+
+    def facts(self, cfg: XRDPreprocess) -> dict[str, Any]:
+        return {"xrd_grid": grid_of(cfg).describe()}
+
+    def gather(self, cfg: XRDPreprocess, ctx: GatherContext) -> dict[str, Any]:
+        """``{material_id: measured pattern file}`` from ``--xrd-dir``."""
+        if not cfg.dir:
+            return {}
+        from cmma_cli.preprocess.inputs import scan_keyed_folder
+
+        found, bad = scan_keyed_folder(Path(cfg.dir).expanduser().resolve(), PATTERN_SUFFIXES, ctx.material_ids,
+                                       "measured_xrd", "--xrd-dir")
+        ctx.rejects.extend(bad)
+        return {mid: str(path) for mid, path in found.items()}
+
+    def featurize(self, item: Item, cfg: XRDPreprocess) -> dict[str, Any]:
+        """The measured pattern where one was given and reads, else the one computed from the structure."""
+        from cmma_cli.modalities.xrd.patterns import PatternRejected, computed_pattern, measured_pattern
+
+        grid = grid_of(cfg)
+        measured = item.linked.get(self.name)
+        if measured is not None:
+            try:
+                return {"xrd": measured_pattern(Path(measured), grid), "xrd_source": "measured"}
+            except (PatternRejected, OSError, UnicodeError) as exc:
+                item.reject("measured_xrd", measured, str(exc))
+        if cfg.enabled and item.structure is not None:
+            try:
+                return {"xrd": computed_pattern(item.structure, grid, _calculator(grid.wavelength)),
+                        "xrd_source": "computed"}
+            except PatternRejected as exc:
+                item.reject("xrd", item.material_id, str(exc))
+        return {}
+
+    def tally(self, table: pa.Table) -> dict[str, dict[str, int]]:
+        measured = pc.sum(pc.equal(table.column("xrd_source"), "measured")).as_py() or 0
+        return {"modalities": {"xrd_measured": int(measured)}}
+
+    def notes(self, counts: dict[str, dict[str, int]]) -> list[str]:
+        measured = counts.get("modalities", {}).get("xrd_measured", 0)
+        return [f"{measured} XRD patterns are measured (the rest computed)."] if measured else []
+
+    # ----------------------------------------------------------------------------------------- train
+
+    def spec(self, cfg: XRDSettings, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
+        length = ctx.processed_manifest.get("xrd_grid", {}).get("size")
+        if length is None and table is not None and "xrd" in table.column_names:
+            values, offsets, valid = csr(table.column("xrd"), np.float32)
+            lengths = np.diff(offsets)[valid]
+            length = int(lengths[0]) if lengths.size else None
+        if not length:
+            raise CMMAError("The processed data has no XRD grid: rerun `cmma preprocess` with --xrd, "
+                            "or train without the xrd modality (--modalities structure,text).")
+        step = ctx.processed_manifest.get("xrd_grid", {}).get("step", 0.05)
+        return {"length": int(length), "channels": cfg.channels, "out_dim": cfg.out_dim,
+                "augment": cfg.augment, "max_shift": int(round(AUGMENT_SHIFT_DEG / step))}
+
+    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> PatternData:
+        values, offsets, valid = csr(table.column("xrd"), np.float32)
+        lengths = np.diff(offsets)[valid]
+        if lengths.size and (lengths != spec["length"]).any():
+            bad = int(lengths[lengths != spec["length"]][0])
+            raise CMMAError(f"An XRD pattern has {bad} points where the model expects {spec['length']}: "
+                            "rerun `cmma preprocess --force` so every pattern is on one grid.")
+        position = np.full(len(valid), -1, dtype=np.int64)
+        position[valid] = np.arange(int(valid.sum()))
+        return PatternData(valid, values.reshape(-1, spec["length"]), position, spec.get("augment", False),
+                           spec.get("max_shift", 0))
+
+    def collate(self, data: PatternData, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
+        import torch
+
+        patterns = data.patterns[data.position[rows]]
+        if rng is not None and data.augment:
+            patterns = augment(patterns, rng, data.max_shift)
+        return {"pattern": torch.from_numpy(patterns)}
+
+    def encoder(self, spec: dict[str, Any]):
+        from cmma_cli.modalities.xrd.encoder import PatternEncoder
+
+        return PatternEncoder(spec["length"], spec["channels"], spec["out_dim"])
