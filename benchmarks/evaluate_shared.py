@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cmma_cli.config import EmbedConfig, EvaluateConfig, FetchConfig, PreprocessConfig, TrainConfig, as_dict  # noqa: E402
+from cmma_cli.config import EmbedConfig, EvaluateConfig, FetchConfig, PreprocessConfig, TrainConfig, from_dict  # noqa: E402
 from cmma_cli.embed import run_embed  # noqa: E402
 from cmma_cli.evaluate.pipeline import run_evaluate  # noqa: E402
 from cmma_cli.evaluate.report import fmt, md_table, target_rows, verdict_rows  # noqa: E402
@@ -107,8 +107,9 @@ def run_dataset(root: Path, name: str, epochs: int, baseline_epochs: int, device
     cfg = train_config(spec["modalities"], epochs)
     t = time.perf_counter()
     manifest = read_manifest(ws.run_dir("bench"))
-    # a run trained before a config field existed was trained with that field's default
-    if manifest is None or {**as_dict(TrainConfig()), **manifest.get("config", {})} != as_dict(cfg):
+    # a run trained before a config field existed was trained with that field's default (from_dict fills it;
+    # it also reads the flat layout of runs made before the modality sections)
+    if manifest is None or from_dict(TrainConfig, manifest.get("config", {})) != cfg:
         run_train(ws, cfg, run="bench", force=True)
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()

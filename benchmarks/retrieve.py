@@ -85,7 +85,7 @@ def bench_encoding(ws: Workspace, run: str, queries: int, tmp: Path) -> tuple[di
     retriever = Retriever(ws, run)
     encoder = retriever.encoder()
     t1 = time.perf_counter()
-    encoder.embed_query_text("warm-up")
+    encoder.embed_query("text", "warm-up")
     t2 = time.perf_counter()
     load = {"indexes + model (ms)": (t1 - t0) * 1000, "sentence model (ms)": (t2 - t1) * 1000}
 
@@ -94,14 +94,14 @@ def bench_encoding(ws: Workspace, run: str, queries: int, tmp: Path) -> tuple[di
     texts = [t for t in processed["description"].dropna().tolist()][:queries]
     out: dict[str, dict] = {}
     if "text" in encoder.modalities and texts:
-        out["text (description)"] = percentiles(timed(encoder.embed_query_text, texts)[0])
+        out["text (description)"] = percentiles(timed(lambda t: encoder.embed_query("text", t), texts)[0])
     cifs = []
     for i, (mid, js) in enumerate(zip(raw["material_id"][:queries], raw["structure"][:queries])):
         path = tmp / f"q{i}.cif"
         path.write_text(str(CifWriter(Structure.from_dict(json.loads(js)))))
         cifs.append(path)
     if "structure" in encoder.modalities:
-        out["structure (CIF file)"] = percentiles(timed(lambda p: encoder.embed_structure_file(p, ("structure",)), cifs)[0])
+        out["structure (CIF file)"] = percentiles(timed(lambda p: encoder.embed_query("structure", p), cifs)[0])
     if "xrd" in encoder.modalities:
         grid = np.linspace(10, 90, len(processed["xrd"].dropna().iloc[0]))
         patterns = []
@@ -109,7 +109,7 @@ def bench_encoding(ws: Workspace, run: str, queries: int, tmp: Path) -> tuple[di
             path = tmp / f"q{i}.xy"
             np.savetxt(path, np.column_stack([grid, pattern]))
             patterns.append(path)
-        out["xrd (pattern file)"] = percentiles(timed(encoder.embed_pattern_file, patterns)[0])
+        out["xrd (pattern file)"] = percentiles(timed(lambda p: encoder.embed_query("xrd", p), patterns)[0])
     if "text" in encoder.modalities and texts:
         results = [retriever.query(Query(text=t), k=10) for t in texts]
         out["whole query: text -> structure"] = {

@@ -14,7 +14,7 @@ import typer
 
 from cmma_cli import __version__
 from cmma_cli.console import console
-from cmma_cli.config import EmbedConfig, EvaluateConfig, PreprocessConfig, RetrieveConfig, TrainConfig
+from cmma_cli.config import EmbedConfig, EvaluateConfig, FetchConfig, PreprocessConfig, RetrieveConfig, TrainConfig
 from cmma_cli.errors import CMMAError
 from cmma_cli.options import with_config
 
@@ -47,18 +47,12 @@ def _friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except CMMAError as exc:
-            console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            from rich.markup import escape  # "[train] epochs ..." is text, not a markup tag
+
+            console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def _split(values: Optional[list[str]]) -> list[str]:
-    """``--elements Li,Fe --elements O`` -> ``["Li", "Fe", "O"]``."""
-    out: list[str] = []
-    for v in values or []:
-        out.extend(x.strip() for x in v.split(",") if x.strip())
-    return out
 
 
 def _version(value: bool) -> None:
@@ -78,35 +72,22 @@ def main(
 
 @app.command()
 @_friendly
+@with_config(FetchConfig, "fetch", skip=("paths",))
 def fetch(
     paths: Annotated[
         Optional[list[Path]],
         typer.Argument(help="Local inputs (--source local): CSV/Parquet tables with a CIF column, folders of .cif "
                             "files, JSON/JSON-lines recipe files.", show_default=False),
     ] = None,
-    source: Annotated[
-        Optional[str],
-        typer.Option("--source", "-s", help="sample | mp | local (default: local if PATHS are given, mp if an API "
-                                            "key is set, else the built-in sample).", show_default=False),
-    ] = None,
     api_key: Annotated[
         Optional[str],
-        typer.Option("--api-key", envvar="MP_API_KEY", help="Materials Project API key.", show_default=False),
+        typer.Option("--api-key", envvar="MP_API_KEY", help="Materials Project API key (a secret: never recorded).",
+                     show_default=False),
     ] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Materials Project API endpoint URL.")] = None,
-    elements: Annotated[
-        Optional[list[str]], typer.Option("--elements", "-e", help="Keep materials containing all of these elements, "
-                                                                   "e.g. Li,Fe,O.", show_default=False)
-    ] = None,
-    chemsys: Annotated[Optional[str], typer.Option(help="Keep exactly this chemical system, e.g. Li-Fe-O.")] = None,
-    max_sites: Annotated[Optional[int], typer.Option(help="At most this many sites per structure.", min=1)] = None,
-    stable_only: Annotated[bool, typer.Option("--stable-only", help="Only materials on the convex hull.")] = False,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many materials.", min=1)] = None,
-    synthesis: Annotated[bool, typer.Option(help="Fetch / link synthesis recipes.")] = True,
-    descriptions: Annotated[bool, typer.Option(help="Fetch Robocrystallographer descriptions (mp).")] = True,
-    chunk_size: Annotated[int, typer.Option(help="Materials per request (mp); the unit of resumption.", min=1)] = 500,
     force: ForceOpt = False,
     workspace: WorkspaceOpt = None,
+    *,
+    cfg: FetchConfig,
 ) -> None:
     """Fetch raw materials data into [bold]<workspace>/raw/[/]: structures with properties, synthesis recipes and
     structure descriptions.
@@ -119,26 +100,13 @@ def fetch(
 
       cmma fetch --source local structures.csv recipes.json.xz
     """
-    from cmma_cli.config import FetchConfig
+    from dataclasses import replace
+
     from cmma_cli.fetch import run_fetch
     from cmma_cli.workspace import Workspace
 
-    if source is None:
-        if paths:
-            source = "local"
-        elif api_key:
-            source = "mp"
-        else:
-            source = "sample"
-            console.print("Using the built-in sample (real structures shipped with pymatgen, no network). To fetch "
-                          "from the Materials Project, set MP_API_KEY or pass --api-key.", highlight=False)
-    if paths and source != "local":
-        raise CMMAError(f"PATHS are only read with --source local (you gave --source {source}): drop them or use --source local.")
-    cfg = FetchConfig(
-        source=source, paths=[str(p) for p in paths or []], elements=_split(elements), chemsys=chemsys,
-        max_sites=max_sites, stable_only=stable_only, limit=limit, synthesis=synthesis,
-        descriptions=descriptions, endpoint=endpoint, chunk_size=chunk_size,
-    )
+    if paths:
+        cfg = replace(cfg, paths=[str(p) for p in paths])
     run_fetch(Workspace.resolve(workspace), cfg, api_key=api_key, force=force)
 
 
@@ -187,21 +155,23 @@ def train(
 
       cmma train --resume latest
     """
-    from cmma_cli.train import run_train
+    from cmma_cli import api
     from cmma_cli.workspace import Workspace
 
-    run_train(Workspace.resolve(workspace), cfg, run=run, resume=resume, gpus=gpus, force=force)
+    api.train(Workspace.resolve(workspace), cfg, run=run, resume=resume, gpus=gpus, force=force)
 
 
 @app.command()
 @_friendly
 @with_config(EvaluateConfig, "evaluate")
 def evaluate(
-    ablation: Annotated[Optional[str], typer.Option(help="Run an ablation instead of the report: temperature | dim | "
-                                                         "modalities | missing | encoder | loss.",
+    ablation: Annotated[Optional[str], typer.Option(help="Run an ablation instead of the report (the same as "
+                                                         "`cmma ablate KIND`): temperature | dim | modalities | "
+                                                         "missing | encoder | loss.",
                                                     show_default=False)] = None,
-    explain: Annotated[Optional[str], typer.Option(help="Explain one material: what drives the similarity of its "
-                                                        "structure to its text and XRD embeddings.",
+    explain: Annotated[Optional[str], typer.Option(help="Explain one material: what drives the similarity of each "
+                                                        "of its explainable pairs of modalities (per atom, per word, "
+                                                        "per 2θ region).",
                                                    show_default=False)] = None,
     force: ForceOpt = False,
     workspace: WorkspaceOpt = None,
@@ -220,52 +190,124 @@ def evaluate(
 
       cmma evaluate --explain "aflow:AB_cF8_225_a_b:NaCl"
 
-      cmma evaluate --ablation temperature
+      cmma ablate temperature                        # also: cmma evaluate --ablation temperature
     """
+    from cmma_cli import api
     from cmma_cli.workspace import Workspace
 
     ws = Workspace.resolve(workspace)
     if explain and ablation:
         raise CMMAError("Give either --explain or --ablation, not both.")
     if explain:
-        from cmma_cli.evaluate.explain import run_explain
-
-        run_explain(ws, cfg, explain)
-    elif ablation:
-        from cmma_cli.evaluate.ablations import run_ablation
-
-        run_ablation(ws, cfg, ablation, force=force)
+        api.explain(ws, cfg, explain)
+    elif ablation:  # the same as `cmma ablate KIND`
+        api.ablate(ws, cfg, ablation, force=force)
     else:
-        from cmma_cli.evaluate.pipeline import run_evaluate
-
-        run_evaluate(ws, cfg, force=force)
+        api.evaluate(ws, cfg, force=force)
 
 
 @app.command()
 @_friendly
+@with_config(EvaluateConfig, "evaluate")
+def ablate(
+    kind: Annotated[str, typer.Argument(help="temperature | dim | modalities | missing | encoder | loss.",
+                                        show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Retrain and re-embed every variant, even one that "
+                                                        "finished with the same config.")] = False,
+    workspace: WorkspaceOpt = None,
+    *,
+    cfg: EvaluateConfig,
+) -> None:
+    """What each design choice of an embedded run is worth, scored like the report into
+    [bold]reports/<run>/ablation-KIND.md[/].
+
+    Each variant of KIND is trained and embedded as run <run>-ablate-KIND-<variant>, then scored on the test
+    split (ridge probes on the unified embeddings, retrieval). Kinds: temperature (learnable vs fixed), dim
+    (--ablation-dims), modalities (every pair, and all), encoder (each modality's own variants), loss
+    (contrastive, predict, both), missing (no training: the unified embedding without one modality).
+
+    Examples:
+
+      cmma ablate missing
+
+      cmma ablate temperature --ablation-epochs 5 --run big
+    """
+    from cmma_cli import api
+    from cmma_cli.workspace import Workspace
+
+    api.ablate(Workspace.resolve(workspace), cfg, kind, force=force)
+
+
+# ------------------------------------------------------------------- embed and retrieve: from the registry
+
+
+def _registry():
+    from cmma_cli.modalities import REGISTRY
+
+    return REGISTRY
+
+
+def _input_help() -> str:
+    """``embed --input``'s help: what each registered modality reads."""
+    from cmma_cli.modalities.user_files import join_or
+
+    kinds = join_or([m.input_help for m in _registry().values() if m.input_help])
+    return f"Embed your own data instead of processed/ (repeatable): {kinds}."
+
+
+_INPUT_HELP = _input_help()
+_FIRST = next(iter(_registry()), "unified")
+_MATERIAL_HELP = f"Query with an embedded material's stored vector (--from picks which; default {_FIRST})."
+
+
+def _with_queries(fn: Callable) -> Callable:
+    """Give ``cmma retrieve`` its queries from the registry: the positional query (a modality whose query is typed)
+    and one ``--<option> FILE`` per modality that takes file queries, before ``--material``. The command gets
+    them as ``queries`` (``{option: value or None}``)."""
+    import inspect
+    import typing
+
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints.get(name, p.annotation)) for name, p in sig.parameters.items() if name != "queries"]
+    takers = [m for m in _registry().values() if m.query_option]
+    clash = [m.query_option for m in takers if m.query_option in sig.parameters]
+    if clash:
+        raise ValueError(f"query options {clash} clash with options of `cmma retrieve`")
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    arguments = [inspect.Parameter(m.query_option, kind, default=None, annotation=Annotated[Optional[str], typer.Argument(
+        metavar="QUERY", help=m.query_help, show_default=False)]) for m in takers if m.query_positional][:1]
+    options = [inspect.Parameter(m.query_option, kind, default=None, annotation=Annotated[Optional[Path], typer.Option(
+        f"--{m.query_option}", help=m.query_help, show_default=False)]) for m in takers if not m.query_positional]
+    at = next((i for i, p in enumerate(own) if p.name == "material"), len(own))
+    params = arguments + own[:at] + options + own[at:]
+    names = [p.name for p in arguments + options]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, queries={name: kwargs.pop(name, None) for name in names}, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    wrapper.__annotations__["return"] = hints.get("return", sig.return_annotation)
+    return wrapper
+
+
+@app.command()
+@_friendly
+@with_config(EmbedConfig, "embed")
 def embed(
-    run: Annotated[Optional[str], typer.Option(help="The trained run to embed with (default: the newest finished run).",
-                                               show_default=False)] = None,
-    checkpoint: Annotated[str, typer.Option(help="best | last | a .pt file.")] = "best",
     inputs: Annotated[
         Optional[list[Path]],
-        typer.Option("--input", "-i", help="Embed your own data instead of processed/ (repeatable): CIF files or "
-                                           "folders, a table with a CIF or text column, pattern files (.xy, .xye, "
-                                           ".dat), images, text or JSON files.", show_default=False),
+        typer.Option("--input", "-i", help=_INPUT_HELP, show_default=False),
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for --input embeddings (default: "
                                                      "embeddings/<run>/inputs/<name of the first input>/).",
                                                 show_default=False)] = None,
-    index: Annotated[str, typer.Option(help="flat (exact inner product) | ivf (approximate, for millions).")] = "flat",
-    nlist: Annotated[Optional[int], typer.Option(help="IVF cells (default: about 4 sqrt(n)).", min=1,
-                                                 show_default=False)] = None,
-    nprobe: Annotated[int, typer.Option(help="IVF cells searched per query.", min=1)] = 16,
-    batch_size: Annotated[int, typer.Option(help="Materials per forward pass.", min=1)] = 256,
-    device: Annotated[str, typer.Option(help="auto (the GPU when there is one) | cpu | cuda[:N].")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Collate processes (default: 4 on GPU, 0 on CPU).", min=0,
-                                                   show_default=False)] = None,
     force: ForceOpt = False,
     workspace: WorkspaceOpt = None,
+    *,
+    cfg: EmbedConfig,
 ) -> None:
     """Embed every processed material with a trained run into [bold]<workspace>/embeddings/<run>/[/]: one Parquet
     table per modality, a unified table, and a FAISS index beside each.
@@ -278,11 +320,8 @@ def embed(
 
       cmma embed --input my_cifs/ --input recipes.json    # your own data, no retraining
     """
-    from cmma_cli.config import EmbedConfig
     from cmma_cli.workspace import Workspace
 
-    cfg = EmbedConfig(run=run, checkpoint=checkpoint, index=index, nlist=nlist, nprobe=nprobe, batch_size=batch_size,
-                      device=device, workers=workers)
     ws = Workspace.resolve(workspace)
     if inputs:
         from cmma_cli.embed_inputs import embed_inputs
@@ -291,42 +330,25 @@ def embed(
     else:
         if out is not None:
             raise CMMAError("--out only applies to --input: the processed materials always go to embeddings/<run>/.")
-        from cmma_cli.embed import run_embed
+        from cmma_cli import api
 
-        run_embed(ws, cfg, force=force)
+        api.embed(ws, cfg, force=force)
 
 
 @app.command()
 @_friendly
+@with_config(RetrieveConfig, "retrieve")
+@_with_queries
 def retrieve(
-    query: Annotated[Optional[str], typer.Argument(help="A synthesis procedure or a structure description, in quotes.",
-                                                   show_default=False)] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="text | structure | xrd | image | unified "
-                                                                "(default: what the query is).", show_default=False)] = None,
-    to: Annotated[Optional[str], typer.Option("--to", help="structure | text | xrd | image | synthesis | unified "
-                                                           "(default: structure).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("-k", "--top", help="How many results.", min=1)] = 10,
-    structure: Annotated[Optional[Path], typer.Option(help="Query with a CIF file.", show_default=False)] = None,
-    material: Annotated[Optional[str], typer.Option(help="Query with an embedded material's stored vector (--from "
-                                                         "picks which; default structure).", show_default=False)] = None,
-    pattern: Annotated[Optional[Path], typer.Option(help="Query with a measured XRD pattern (2-theta, intensity).",
-                                                    show_default=False)] = None,
-    image: Annotated[Optional[Path], typer.Option(help="Query with an image (runs trained with images).",
-                                                  show_default=False)] = None,
-    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="Property filter, repeatable: 'band_gap>1', "
-                                                                          "'crystal_system==cubic'.",
-                                                         show_default=False)] = None,
+    material: Annotated[Optional[str], typer.Option(help=_MATERIAL_HELP, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")] = False,
-    run: Annotated[Optional[str], typer.Option(help="Search this run's embeddings (default: the newest).",
-                                               show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="Where the query encoder runs.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for encoding and search (default: one per "
-                                                        "core; 1 is fastest on a busy machine).", min=1,
-                                                   show_default=False)] = None,
     workspace: WorkspaceOpt = None,
+    *,
+    queries: dict,
+    cfg: RetrieveConfig,
 ) -> None:
     """Cross-modal search: the materials whose structure (or other view) best matches a text, a CIF, a pattern or
-    an image.
+    an image (each registered modality's query).
 
     Examples:
 
@@ -336,11 +358,8 @@ def retrieve(
 
       cmma retrieve --material mp-19017 --filter "band_gap>1"
     """
-    from cmma_cli.config import RetrieveConfig
     from cmma_cli.retrieve import Query, run_retrieve
     from cmma_cli.workspace import Workspace
 
-    cfg = RetrieveConfig(run=run, source=from_, target=to, k=k, filters=list(filters or []), device=device,
-                         threads=threads)
-    q = Query(text=query, structure=structure, material=material, pattern=pattern, image=image)
+    q = Query(**queries, material=material)
     run_retrieve(Workspace.resolve(workspace), q, cfg, as_json=as_json)

@@ -17,7 +17,7 @@ import copy
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -54,6 +54,13 @@ def flat_fields(cls: type) -> dict[str, tuple[str | None, Any]]:
         for f in fields(section):
             out[flat_name(modality, f)] = (modality, f)
     return out
+
+
+def option_flag(cls: type, name: str) -> str:
+    """The long command-line flag of setting ``name`` (flat name) of config class ``cls`` (``metadata["long"]``
+    renames it, e.g. ``--from``)."""
+    _, f = flat_fields(cls)[name]
+    return f.metadata.get("long", "--" + name.replace("_", "-"))
 
 
 def _copy_section(value: Any, section: type, modality: str) -> Any:
@@ -193,6 +200,7 @@ def setting_type(cls: type, name: str) -> Any:
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_KINDS = {bool: "true/false values", int: "whole numbers", float: "numbers", str: "strings"}
 
 
 def coerce(cls: type, name: str, value: Any, where: str) -> Any:
@@ -209,10 +217,10 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
             try:
                 return [base(v) for v in value]
             except ValueError:
-                raise CMMAError(f"{where} takes comma-separated {_KIND.get(base, base.__name__)} values, not "
+                raise CMMAError(f"{where} takes comma-separated {_KINDS.get(base, base.__name__)}, not "
                                 f"{','.join(value)!r}.") from None
         if not isinstance(value, list):
-            raise CMMAError(f"{where} must be a list of {_KIND.get(base, base.__name__)} values, not {value!r}.")
+            raise CMMAError(f"{where} must be a list of {_KINDS.get(base, base.__name__)}, not {value!r}.")
         return [_one(base, v, where) for v in value]
     return _one(base, value, where)
 
@@ -240,7 +248,7 @@ def validate(config: Any) -> Any:
     cls = type(config)
     for name, (modality, f) in flat_fields(cls).items():
         value = getattr(config if modality is None else config.settings[modality], f.name)
-        flag = "--" + name.replace("_", "-")
+        flag = option_flag(cls, name)
         choices = _choices(f)
         if choices is not None and value is not None:
             items = value if isinstance(value, list) else [value]
@@ -259,17 +267,17 @@ def validate(config: Any) -> Any:
 class FetchConfig:
     """``cmma fetch``: where raw data comes from and which materials to take."""
 
-    source: str = "sample"  # sample | mp | local
+    source: str | None = field(default=None, metadata={"choices": ("sample", "mp", "local"), "short": "-s"})  # sample | mp | local (None: local if paths are given, mp if an API key is set, else the built-in sample)
     paths: list[str] = field(default_factory=list)  # local files / folders (source=local)
-    elements: list[str] = field(default_factory=list)  # materials containing all of these elements (mp)
-    chemsys: str | None = None  # e.g. "Li-Fe-O": exactly this chemical system (mp)
-    max_sites: int | None = None  # at most this many sites per structure
-    stable_only: bool = False  # only materials on the convex hull (mp)
-    limit: int | None = None  # at most this many materials
+    elements: list[str] = field(default_factory=list, metadata={"short": "-e"})  # materials containing all of these elements, e.g. Li,Fe,O
+    chemsys: str | None = None  # e.g. "Li-Fe-O": exactly this chemical system
+    max_sites: int | None = field(default=None, metadata={"min": 1})  # at most this many sites per structure
+    stable_only: bool = False  # only materials on the convex hull
+    limit: int | None = field(default=None, metadata={"min": 1})  # at most this many materials
     synthesis: bool = True  # also fetch / link synthesis recipes
     descriptions: bool = True  # also fetch robocrys descriptions (mp)
     endpoint: str | None = None  # Materials Project API endpoint (default: the public one)
-    chunk_size: int = 500  # materials per request (mp); the unit of resumption
+    chunk_size: int = field(default=500, metadata={"min": 1})  # materials per request (mp); the unit of resumption
 
 
 @with_sections("preprocess_config")
@@ -291,8 +299,8 @@ class PreprocessConfig:
     settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)
 
 
-def _modality_names() -> tuple[str, ...]:
-    return tuple(_registry())
+def _default_modalities() -> list[str]:
+    return [name for name, m in _registry().items() if m.default]
 
 
 @with_sections("train_config")
@@ -300,11 +308,11 @@ def _modality_names() -> tuple[str, ...]:
 class TrainConfig:
     """``cmma train``: which modalities to align, the model's sizes and the optimisation.
 
-    Each modality's encoder settings (``--structure-encoder``, ``--text-tune``, ``--xrd-channels``, ...) are
-    the section its module declares.
+    Each modality's encoder settings (``--structure-encoder``, ``--xrd-channels``, ...) are the section its
+    module declares.
     """
 
-    modalities: list[str] = field(default_factory=lambda: ["structure", "text", "xrd"])  # modalities to align (registered: structure, text, xrd, image, ...)
+    modalities: list[str] = field(default_factory=lambda: _default_modalities())  # modalities to align (default: the registered ones marked default)
     pairs: str = "all"  # modality pairs in the loss: all | anchor:<modality> | a-b,c-d
     in_modality_negatives: bool = False  # also contrast against other samples of the anchor's own modality
     objective: str = field(default="contrastive", metadata={"choices": ("contrastive", "predict", "contrastive+predict")})  # contrastive | predict (properties only, no alignment) | contrastive+predict
@@ -341,11 +349,11 @@ class EmbedConfig:
     run: str | None = None  # the run to embed with (None: the newest finished run)
     checkpoint: str = "best"  # best | last | a .pt file
     index: str = field(default="flat", metadata={"choices": ("flat", "ivf")})  # flat (exact inner product) | ivf (approximate, for millions of materials)
-    nlist: int | None = None  # IVF cells (None: about 4 sqrt(n), at least 39 vectors per cell)
-    nprobe: int = 16  # IVF cells searched per query
-    batch_size: int = 256  # materials per forward pass; does not change the output
+    nlist: int | None = field(default=None, metadata={"min": 1})  # IVF cells (None: about 4 sqrt(n), at least 39 vectors per cell)
+    nprobe: int = field(default=16, metadata={"min": 1})  # IVF cells searched per query
+    batch_size: int = field(default=256, metadata={"min": 1})  # materials per forward pass; does not change the output
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda[:N]; does not change the output
-    workers: int | None = None  # collate processes (None: 4 on GPU, 0 on CPU); does not change the output
+    workers: int | None = field(default=None, metadata={"min": 0})  # collate processes (None: 4 on GPU, 0 on CPU); does not change the output
 
 
 @dataclass
@@ -353,12 +361,12 @@ class RetrieveConfig:
     """``cmma retrieve``: which embeddings to search, from which modality into which index, how many hits."""
 
     run: str | None = None  # search the embeddings of this run (None: the newest)
-    source: str | None = None  # --from: text | structure | xrd | image | unified (None: what the query is)
-    target: str | None = None  # --to: structure | text | xrd | image | synthesis | unified (None: structure, else unified)
-    k: int = 10  # results to return
-    filters: list[str] = field(default_factory=list)  # property filters, e.g. "band_gap>1", "crystal_system==cubic"
+    source: str | None = field(default=None, metadata={"long": "--from"})  # the modality that encodes the query, or unified (None: what the query is)
+    target: str | None = field(default=None, metadata={"long": "--to"})  # the embeddings table to search: a modality, an extra table (synthesis) or unified (None: the first modality, else unified)
+    k: int = field(default=10, metadata={"long": "--top", "short": "-k", "min": 1})  # results to return
+    filters: list[str] = field(default_factory=list, metadata={"long": "--filter"})  # property filters, repeatable: "band_gap>1", "crystal_system==cubic"
     device: str = "cpu"  # where query encoders run (one query: the CPU is as fast as a GPU)
-    threads: int | None = None  # CPU threads for encoding and search (None: torch's and faiss's defaults)
+    threads: int | None = field(default=None, metadata={"min": 1})  # CPU threads for encoding and search (None: one per core; 1 is fastest on a busy machine)
 
 
 @with_sections("evaluate_config")
@@ -383,7 +391,6 @@ class EvaluateConfig:
     baseline_properties: list[str] = field(default_factory=list)  # properties the baselines train on (empty: all probed; none: no property)
     baseline_tasks: list[str] = field(default_factory=list)  # classification tasks the baselines train on: stable, metal, crystal_system (empty: all probed; none: no task)
     explain_examples: int = 3  # test materials explained in the report
-    xrd_region: float = 5.0  # width (degrees 2-theta) of the XRD attribution regions
     ablation_epochs: int | None = None  # epochs of each ablation training run (None: the evaluated run's)
     ablation_dims: list[int] = field(default_factory=lambda: [32, 128, 256])  # latent dimensions of --ablation dim
     seed: int = 0  # seeds the probes, the baselines and the maps

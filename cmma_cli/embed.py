@@ -2,11 +2,11 @@
 
 ``<ws>/embeddings/<run>/`` (the embeddings contract, read by ``cmma evaluate`` and ``cmma retrieve``):
 
-- ``<modality>.parquet`` for structure / xrd / image: ``material_id``, ``embedding`` (list<float32>,
-  L2-normalised), one row per material that has the modality;
-- ``text.parquet``: ``material_id``, ``embedding`` (the description's, else the normalised mean of the
-  material's synthesis texts'), ``text_source`` (``description`` | ``synthesis``);
-- ``synthesis.parquet``: ``recipe_id``, ``material_id``, ``embedding`` of that recipe's procedure text;
+- ``<modality>.parquet`` for every modality of the run: ``material_id``, ``embedding`` (list<float32>,
+  L2-normalised), one row per material that has the modality, plus any columns the modality adds
+  (:meth:`~cmma_cli.modalities.base.Modality.embed_processed`: the text table's ``text_source``);
+- the extra tables a modality declares (:attr:`~cmma_cli.modalities.base.Modality.embed_tables`: the text
+  modality's ``synthesis.parquet``, ``recipe_id``, ``material_id``, ``embedding`` of each recipe link);
 - ``unified.parquet``: ``material_id``, ``embedding`` (normalised mean of the material's modality
   embeddings), ``modalities`` (list<str>, which went into it);
 - ``<name>.faiss`` beside each table (row i of the index = row i of the table), and ``manifest.json``.
@@ -17,7 +17,6 @@ Materials are read ``CHUNK`` rows at a time, so memory follows the vectors, not 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,39 @@ from cmma_cli.config import EmbedConfig, as_dict
 from cmma_cli.console import console, progress
 from cmma_cli.errors import CMMAError
 from cmma_cli.index import INDEX_KINDS, build_index, describe, save_index
-from cmma_cli.workspace import MANIFEST, Workspace, begin_stage, is_up_to_date, read_manifest, require_stage, write_manifest
+from cmma_cli.workspace import Workspace, begin_stage, is_up_to_date, read_manifest, require_stage, write_arrow, write_manifest
 
 STAGE = "embed"
 CHECKPOINTS = ("best", "last")
-#: Every table the stage may write, in the order it reports them.
-TABLES = ("structure", "text", "xrd", "image", "synthesis", "unified")
+#: The table of every material's normalised mean over its modalities.
+UNIFIED = "unified"
 #: Materials read from processed/ per step.
 CHUNK = 8192
 
 
+def tables() -> tuple[str, ...]:
+    """Every table the stage may write, in the order it reports them: one per registered modality, the extra
+    tables the modalities declare, then ``unified``."""
+    from cmma_cli.modalities import REGISTRY
+
+    extra = [t for m in REGISTRY.values() for t in m.embed_tables if t not in REGISTRY]
+    return (*REGISTRY, *dict.fromkeys(extra), UNIFIED)
+
+
+def extra_tables() -> dict[str, str]:
+    """``{table: the column naming its rows}`` of the tables that are not one row per material (``synthesis``)."""
+    from cmma_cli.modalities import REGISTRY
+
+    return {t: key for m in REGISTRY.values() for t, key in m.embed_tables.items() if t not in REGISTRY}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TABLES":  # the registry's tables now (a modality may be registered after this import)
+        return tables()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --------------------------------------------------------------------------------------- run + checkpoint
-
-
-def finished_runs(ws: Workspace) -> list[str]:
-    """Names of runs whose training finished (a manifest), oldest first."""
-    runs = [p for p in (ws.root / "runs").glob("*/") if (p / MANIFEST).is_file()]
-    return [p.name for p in sorted(runs, key=lambda p: (p / MANIFEST).stat().st_mtime)]
 
 
 def resolve_checkpoint(ws: Workspace, run: str | None, checkpoint: str = "best") -> tuple[str, Path, Path]:
@@ -64,13 +79,13 @@ def resolve_checkpoint(ws: Workspace, run: str | None, checkpoint: str = "best")
             run_dir = ws.run_dir(run)
         return run_dir.name, run_dir, path
     if run is None:
-        runs = finished_runs(ws)
+        runs = ws.finished("train")
         if not runs:
             raise CMMAError(f"There is no finished training run in {ws.root / 'runs'}: run `cmma train` first.")
         run = runs[-1]
     run_dir = ws.run_dir(run)
     if not run_dir.is_dir():
-        known = ", ".join(finished_runs(ws)) or "none yet"
+        known = ", ".join(ws.finished("train")) or "none yet"
         raise CMMAError(f"There is no run {run!r} in {ws.root / 'runs'} (finished runs: {known}): pass one of them "
                         f"to --run, or train it with `cmma train --run {run}`.")
     path = run_dir / f"{checkpoint}.pt"
@@ -126,15 +141,6 @@ def read_vectors(path: Path, columns: list[str] | None = None) -> tuple[pa.Table
     return table.drop_columns(["embedding"]), vectors
 
 
-def write_arrow(table: pa.Table, path: Path) -> Path:
-    """Write an Arrow table as Parquet, atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def normalize(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -159,7 +165,7 @@ def unify(ids: list[str], parts: dict[str, tuple[list[str], np.ndarray]]) -> tup
 def clear_stage(out: Path) -> None:
     """Start ``out`` afresh: manifest first (so an interrupted run is not trusted), then the old tables."""
     begin_stage(out)
-    for name in TABLES:
+    for name in tables():
         for suffix in (".parquet", ".faiss"):
             (out / f"{name}{suffix}").unlink(missing_ok=True)
 
@@ -173,55 +179,6 @@ def write_embeddings(out: Path, name: str, columns: dict[str, Any], vectors: np.
     return {"rows": table.num_rows, **describe(index)}
 
 
-# ------------------------------------------------------------------------------------------------ text
-
-
-def text_embeddings(encoder, table: pa.Table) -> tuple[dict[str, Any], np.ndarray, dict[str, Any], np.ndarray]:
-    """(text columns, text vectors, synthesis columns, synthesis vectors) of the processed text columns.
-
-    A material's text vector is its description's (when the run reads descriptions), else the
-    normalised mean of its synthesis texts' (when the run reads synthesis). Every recipe link gets a
-    synthesis row whatever the run's text sources: the text encoder reads any procedure.
-    """
-    sources = encoder.spec["encoders"]["text"]["sources"]
-    ids = [str(m) for m in table.column("material_id").to_pylist()]
-    descriptions = table.column("description").to_pylist()
-    synthesis = table.column("synthesis_texts").to_pylist()
-    recipes = table.column("recipe_ids").to_pylist()
-    position: dict[str, int] = {}
-    for desc, texts in zip(descriptions, synthesis):
-        if isinstance(desc, str) and desc.strip():
-            position.setdefault(desc, len(position))
-        for t in texts or []:
-            if isinstance(t, str) and t.strip():
-                position.setdefault(t, len(position))
-    vectors = encoder.embed_texts(list(position))
-
-    text_ids, text_source, text_rows = [], [], []
-    link_recipes, link_ids, link_rows = [], [], []
-    for mid, desc, texts, rids in zip(ids, descriptions, synthesis, recipes):
-        pairs = [(r, t) for r, t in zip(rids or [], texts or []) if isinstance(t, str) and t.strip()]
-        for r, t in pairs:
-            link_recipes.append(str(r))
-            link_ids.append(mid)
-            link_rows.append(position[t])
-        if "description" in sources and isinstance(desc, str) and desc.strip():
-            text_ids.append(mid)
-            text_source.append("description")
-            text_rows.append(vectors[position[desc]])
-        elif "synthesis" in sources and pairs:
-            text_ids.append(mid)
-            text_source.append("synthesis")
-            text_rows.append(vectors[[position[t] for _, t in pairs]].mean(axis=0))
-    dim = encoder.dim
-    text_vectors = normalize(np.stack(text_rows)) if text_rows else np.zeros((0, dim), np.float32)
-    synth_vectors = vectors[link_rows] if link_rows else np.zeros((0, dim), np.float32)
-    return ({"material_id": pa.array(text_ids, pa.string()), "text_source": pa.array(text_source, pa.string())},
-            text_vectors,
-            {"recipe_id": pa.array(link_recipes, pa.string()), "material_id": pa.array(link_ids, pa.string())},
-            synth_vectors)
-
-
 # ------------------------------------------------------------------------------------------------ stage
 
 
@@ -229,29 +186,40 @@ def _processed_columns(path: Path, modality: str) -> list[str]:
     from cmma_cli.modalities import get_modality
 
     available = pq.ParquetFile(path).schema_arrow.names
-    wanted = ["material_id", *get_modality(modality).columns]
-    if modality == "text":
-        wanted.append("recipe_ids")
+    wanted = ["material_id", *(f.name for f in get_modality(modality).fields)]
     missing = [c for c in wanted if c not in available]
     if missing:
         raise CMMAError(f"{path} lacks the {modality} columns {missing}: rerun `cmma preprocess --force`.")
     return wanted
 
 
-def embed_processed(encoder, path: Path, modality: str, bar) -> tuple[list[str], np.ndarray]:
-    """``(ids, vectors)`` of the processed materials that have ``modality``, read ``CHUNK`` rows at a time."""
+def _concat(parts: list[tuple[dict[str, Any], np.ndarray]], dim: int) -> tuple[dict[str, Any], np.ndarray]:
+    columns = {key: pa.chunked_array([cols[key] for cols, _ in parts]) for key in parts[0][0]}
+    vectors = [v for _, v in parts if len(v)]
+    return columns, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))
+
+
+def embed_processed(encoder, path: Path, modality: str, bar) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+    """``{table: (columns, vectors)}``: the embeddings tables of ``modality`` for the processed materials
+    (:meth:`~cmma_cli.modalities.base.Modality.embed_processed`), read ``CHUNK`` rows at a time."""
+    from cmma_cli.modalities import get_modality
+
+    m = get_modality(modality)
     file = pq.ParquetFile(path)
+    columns = _processed_columns(path, modality)
     task = bar.add_task(f"Embedding {modality}", total=file.metadata.num_rows)
-    ids: list[str] = []
-    parts: list[np.ndarray] = []
-    for batch in file.iter_batches(batch_size=CHUNK, columns=_processed_columns(path, modality)):
-        table = pa.Table.from_batches([batch])
-        chunk_ids = table.column("material_id").to_pylist()
-        rows, vectors = encoder.embed_table(modality, table, advance=lambda n: bar.advance(task, n))
-        bar.advance(task, table.num_rows - len(rows))
-        ids += [str(chunk_ids[r]) for r in rows]
-        parts.append(vectors)
-    return ids, (np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32))
+    parts: dict[str, list[tuple[dict[str, Any], np.ndarray]]] = {}
+    done = 0
+    chunks = (pa.Table.from_batches([b]) for b in file.iter_batches(batch_size=CHUNK, columns=columns))
+    for table in chunks:
+        for name, part in m.embed_processed(encoder, table, advance=lambda n: bar.advance(task, n)).items():
+            parts.setdefault(name, []).append(part)
+        done += table.num_rows
+        bar.update(task, completed=done)
+    if not parts:  # no materials at all: the tables, empty
+        empty = file.schema_arrow.empty_table().select(columns)
+        parts = {name: [part] for name, part in m.embed_processed(encoder, empty).items()}
+    return {name: _concat(found, encoder.dim) for name, found in parts.items()}
 
 
 def check_config(cfg: EmbedConfig) -> None:
@@ -292,30 +260,23 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
                   f"{encoder.checkpoint.get('epoch')}) on {encoder.device.type}: {', '.join(encoder.modalities)}.",
                   highlight=False, soft_wrap=True)
 
-    parts: dict[str, tuple[list[str], np.ndarray]] = {}
-    written: dict[str, dict[str, Any]] = {}
+    made: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
     with progress() as bar:
         for modality in encoder.modalities:
-            if modality == "text":
-                continue
-            ids, vectors = embed_processed(encoder, path, modality, bar)
-            parts[modality] = (ids, vectors)
-    if "text" in encoder.modalities:
-        table = pq.read_table(path, columns=_processed_columns(path, "text"))
-        text_cols, text_vectors, synth_cols, synth_vectors = text_embeddings(encoder, table)
-        parts["text"] = ([str(m) for m in text_cols["material_id"].to_pylist()], text_vectors)
-        written["synthesis"] = write_embeddings(out, "synthesis", synth_cols, synth_vectors, cfg)
-        written["text"] = write_embeddings(out, "text", text_cols, text_vectors, cfg)
-    for modality, (ids, vectors) in parts.items():
-        if modality != "text":
-            written[modality] = write_embeddings(out, modality, {"material_id": pa.array(ids, pa.string())}, vectors, cfg)
-    unified_ids, unified, used = unify(all_ids, {m: parts[m] for m in encoder.modalities if m in parts})
-    written["unified"] = write_embeddings(
-        out, "unified", {"material_id": pa.array(unified_ids, pa.string()),
-                         "modalities": pa.array(used, pa.list_(pa.string()))}, unified, cfg)
+            made.update(embed_processed(encoder, path, modality, bar))
+    written: dict[str, dict[str, Any]] = {}
+    for name in tables():
+        if name in made:
+            written[name] = write_embeddings(out, name, *made[name], cfg)
+    parts = {m: ([str(i) for i in made[m][0]["material_id"].to_pylist()], made[m][1])
+             for m in encoder.modalities if m in made}
+    unified_ids, unified, used = unify(all_ids, parts)
+    written[UNIFIED] = write_embeddings(
+        out, UNIFIED, {"material_id": pa.array(unified_ids, pa.string()),
+                       "modalities": pa.array(used, pa.list_(pa.string()))}, unified, cfg)
 
     seconds = time.perf_counter() - started
-    counts = {name: written[name]["rows"] for name in TABLES if name in written}
+    counts = {name: written[name]["rows"] for name in tables() if name in written}
     manifest = write_manifest(
         out, STAGE, config, inputs=inputs, rows=counts,
         extra={
@@ -341,7 +302,7 @@ def _summary(out: Path, written: dict[str, dict[str, Any]], materials: int, seco
     table = Table(title=f"{out}: embeddings and indexes", title_justify="left")
     for col, justify in (("table", "left"), ("rows", "right"), ("index", "left")):
         table.add_column(col, justify=justify)
-    for name in TABLES:
+    for name in tables():
         if name in written:
             facts = written[name]
             kind = facts["kind"] if facts["kind"] == "flat" else f"ivf (nlist {facts['nlist']}, nprobe {facts['nprobe']})"

@@ -1,18 +1,21 @@
 """``cmma embed --input PATH ...``: embed a user's own materials with a trained run, without retraining.
 
-Inputs, in any mix (folders are searched recursively and sorted by suffix):
+Inputs, in any mix (folders are searched recursively). Each file goes to the registered modality that
+claims it (:meth:`~cmma_cli.modalities.base.Modality.claim_input`: by suffix, or by a table's columns; the
+surest claim wins, a tie the first registered), which reads it into processed-like rows with the
+preprocess settings ``processed/`` was made with:
 
 - structures: ``.cif`` files, and CSV / Parquet tables with a CIF column, read exactly as
-  ``cmma fetch --source local`` reads them (ids, properties, symmetry). Each structure is embedded by
-  the structure encoder, and its computed XRD pattern by the XRD encoder when the run has one;
+  ``cmma fetch --source local`` reads them (ids, properties, symmetry). They are whole materials: every
+  modality of the run computes its columns from them as ``cmma preprocess`` does (the crystal graph and,
+  when the run has xrd, the computed pattern), and a file of another modality named like one
+  (``a.cif`` + ``a.xy``) is that material's (:meth:`~cmma_cli.modalities.base.Modality.link_inputs`: the
+  measured pattern replaces the computed one, as with ``cmma preprocess --xrd-dir``);
 - measured XRD patterns: ``.xy``, ``.xye``, ``.dat`` (and ``.txt`` / ``.csv`` files holding two numeric
-  columns), id = the file stem. A pattern named like a CIF (``a.cif`` + ``a.xy``) becomes that
-  structure's pattern instead of the computed one, as in ``cmma preprocess --xrd-dir``;
+  columns), id = the file stem;
 - images: ``.png``, ``.jpg``, ``.tif`` (runs trained with the image modality), id = the file stem;
-- texts: a CSV / Parquet table with a text column (``text``, ``description``, ``procedure``,
-  ``synthesis``) and no CIF column; a JSON / JSON-lines file of strings, of ``{"id", "text"}`` objects,
-  or of synthesis recipes (composed into one procedure text, as ``cmma preprocess`` does); a ``.txt`` /
-  ``.md`` prose file (one text, id = the stem).
+- texts: a CSV / Parquet table with a text column and no CIF column; a JSON / JSON-lines file of strings,
+  of objects with an id and a text, or of synthesis recipes; a ``.txt`` / ``.md`` prose file.
 
 Everything goes to ``<ws>/embeddings/<run>/inputs/<name>/`` (or ``--out``), never into ``processed/``:
 ``materials.parquet`` (id, kind, file, formula, crystal system, ...), ``<modality>.parquet``,
@@ -34,155 +37,87 @@ import pyarrow as pa
 from cmma_cli.config import EmbedConfig
 from cmma_cli.console import console
 from cmma_cli.errors import CMMAError
-from cmma_cli.preprocess.inputs import IMAGE_SUFFIXES
-from cmma_cli.preprocess.spectra import PatternRejected, read_two_columns
-from cmma_cli.preprocess.text import compose_procedure, normalize_text
+from cmma_cli.modalities import REGISTRY, get_modality
+from cmma_cli.modalities.base import UserInputs
+from cmma_cli.modalities.user_files import is_table, join_or, suffix
 from cmma_cli.sources.schema import REJECT_COLUMNS
 from cmma_cli.workspace import Workspace, require_stage, write_manifest, write_table
 
 STAGE = "embed-inputs"
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
-JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-PATTERN_ONLY = (".xy", ".xye", ".dat")
-PROSE_SUFFIXES = (".txt", ".md")
-CIF_COLUMNS = ("cif", "structure", "cif_string")
-TEXT_COLUMNS = ("text", "description", "procedure", "synthesis", "synthesis_text")
-ID_COLUMNS = ("material_id", "mp_id", "id", "name")
+
+
+def input_kinds() -> str:
+    """What ``--input`` takes, in words, from the registry: ``CIF files or folders, ..., images (.png, ...)``."""
+    return join_or([m.input_help for m in REGISTRY.values() if m.input_help])
 
 
 @dataclass
 class InputFiles:
-    """The user's inputs sorted by kind."""
+    """The user's files sorted by the modality that reads them, and the files no modality reads."""
 
-    structures: list[Path] = field(default_factory=list)  # .cif files and tables with a CIF column
-    patterns: list[tuple[str, Path]] = field(default_factory=list)
-    images: list[tuple[str, Path]] = field(default_factory=list)
-    texts: list[tuple[str, str, str]] = field(default_factory=list)  # (id, clean text, file)
+    files: dict[str, list[Path]] = field(default_factory=dict)  # {modality: its files, in the order given}
     rejects: list[dict[str, str]] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not (self.structures or self.patterns or self.images or self.texts)
+        return not any(self.files.values())
+
+    def read(self, config: Any = None) -> dict[str, UserInputs]:
+        """``{modality: what it read}``; ``config`` is the :class:`~cmma_cli.config.PreprocessConfig` of
+        ``processed/`` (default: the defaults). Whole materials are read first; the other modalities' files
+        named like one of them become that material's linked inputs instead of rows of their own."""
+        if config is None:
+            from cmma_cli.config import PreprocessConfig
+
+            config = PreprocessConfig()
+        remaining = {name: list(paths) for name, paths in self.files.items() if paths}
+        out: dict[str, UserInputs] = {}
+        for name in [n for n in remaining if get_modality(n).whole_materials]:
+            got = get_modality(name).read_inputs(remaining.pop(name), getattr(config, name, None))
+            ids = set(got.ids)
+            for other, paths in list(remaining.items()):
+                links = get_modality(other).link_inputs(paths, ids)
+                if links:
+                    got.linked.setdefault(other, {}).update({mid: value for mid, (_, value) in links.items()})
+                    used = {path for path, _ in links.values()}
+                    remaining[other] = [p for p in paths if p not in used]
+            out[name] = got
+        for name, paths in remaining.items():
+            if paths:
+                out[name] = get_modality(name).read_inputs(paths, getattr(config, name, None))
+        return out
 
 
-def _suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".xz"):
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
-
-
-def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
-    lower = {str(c).lower(): c for c in columns}
-    return next((lower[c] for c in candidates if c in lower), None)
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    try:
-        if _suffix(path) in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep="\t" if _suffix(path) == ".tsv" else ",")
-    except Exception as exc:
-        raise CMMAError(f"Could not read the table {path} ({type(exc).__name__}): check that it is a valid CSV or "
-                        "Parquet file.") from None
-
-
-def _is_pattern(path: Path) -> bool:
-    try:
-        read_two_columns(path)
-        return True
-    except (PatternRejected, OSError, UnicodeError):
-        return False
-
-
-def _text_record(record: Any, default_id: str) -> tuple[str, str] | None:
-    """``(id, clean text)`` from a JSON item: a string, ``{"id", "text"}``, or a synthesis recipe."""
-    if isinstance(record, str):
-        return default_id, normalize_text(record)
-    if not isinstance(record, dict):
-        return None
-    mid = next((str(record[k]) for k in ID_COLUMNS if record.get(k) not in (None, "")), default_id)
-    text_key = next((k for k in TEXT_COLUMNS if isinstance(record.get(k), str)), None)
-    if text_key is not None:
-        return mid, normalize_text(record[text_key])
-    if record.get("operations") is not None or record.get("precursors") is not None or record.get("target") is not None:
-        from cmma_cli.sources.recipes import recipe_id
-
-        rid = next((str(record[k]) for k in ID_COLUMNS if record.get(k) not in (None, "")), recipe_id(record))
-        return rid, compose_procedure(record, record.get("synthesis_type"))
-    return None
-
-
-def _add_json(path: Path, found: InputFiles) -> None:
-    from cmma_cli.sources.recipes import read_recipe_file
-
-    try:
-        records = read_recipe_file(path)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CMMAError(f"Could not read {path} ({exc}): give a JSON list, JSON lines, or {{\"reactions\": [...]}}.") from None
-    for i, record in enumerate(records):
-        item = _text_record(record, f"{path.name.split('.')[0]}-{i}")
-        if item is None or not item[1]:
-            found.rejects.append({"source": "text", "item": f"{path}:{i}", "reason": "no text, id/text object or recipe"})
-        else:
-            found.texts.append((item[0], item[1], str(path)))
-
-
-def _add_table(path: Path, found: InputFiles) -> None:
-    frame = _read_table(path)
-    columns = list(frame.columns)
-    if _pick(columns, CIF_COLUMNS):
-        found.structures.append(path)
-        return
-    text_col = _pick(columns, TEXT_COLUMNS)
-    if text_col is None:
-        if _is_pattern(path):
-            found.patterns.append((path.stem, path))
-            return
-        raise CMMAError(f"The table {path} has neither a CIF column ({', '.join(CIF_COLUMNS)}) nor a text column "
-                        f"({', '.join(TEXT_COLUMNS)}): name the column that holds the CIFs or the texts.")
-    id_col = _pick(columns, ID_COLUMNS)
-    for i, row in enumerate(frame.to_dict("records")):
-        text = row[text_col]
-        mid = str(row[id_col]) if id_col is not None and pd.notna(row[id_col]) else f"{path.stem}-{i}"
-        clean = normalize_text(text) if isinstance(text, str) else ""
-        if clean:
-            found.texts.append((mid, clean, str(path)))
-        else:
-            found.rejects.append({"source": "text", "item": f"{path}:{i}", "reason": "empty text"})
+def _claim(path: Path) -> str | None:
+    """The modality that reads ``path`` (the surest claim, ties to the first registered), or None."""
+    best, owner = 0, None
+    for modality in REGISTRY.values():
+        claim = modality.claim_input(path)
+        if claim > best:
+            best, owner = claim, modality.name
+    return owner
 
 
 def _add_file(path: Path, found: InputFiles, explicit: bool) -> None:
-    suffix = _suffix(path)
-    if suffix == ".cif":
-        found.structures.append(path)
-    elif suffix in PATTERN_ONLY:
-        found.patterns.append((path.stem, path))
-    elif suffix in IMAGE_SUFFIXES:
-        found.images.append((path.stem, path))
-    elif suffix in TABLE_SUFFIXES:
-        _add_table(path, found)
-    elif suffix in JSON_SUFFIXES:
-        _add_json(path, found)
-    elif suffix in PROSE_SUFFIXES:
-        if _is_pattern(path):
-            found.patterns.append((path.stem, path))
-            return
-        text = normalize_text(path.read_text(errors="replace"))
-        if text:
-            found.texts.append((path.stem, text, str(path)))
-        else:
-            found.rejects.append({"source": "text", "item": str(path), "reason": "empty text file"})
+    owner = _claim(path)
+    if owner is not None:
+        found.files.setdefault(owner, []).append(path)
+    elif is_table(path):
+        columns = [m.input_columns for m in REGISTRY.values() if m.input_columns]
+        which = [f"{what} column ({', '.join(names)})" for what, names in columns]
+        has = "neither a " + " nor a ".join(which) if len(which) > 1 else "no " + (which[0] if which else "usable column")
+        held = join_or([f"the {what}s" for what, _ in columns]) or "the data"
+        raise CMMAError(f"The table {path} has {has}: name the column that holds {held}.")
     elif explicit:
-        raise CMMAError(f"Don't know how to embed {path}: give .cif files, a table with a CIF or text column, "
-                        "pattern files (.xy, .xye, .dat), images (.png, .jpg, .tif) or texts (.txt, .json).")
+        raise CMMAError(f"Don't know how to embed {path}: give {input_kinds()}.")
     else:
-        found.rejects.append({"source": "input", "item": str(path), "reason": f"unsupported file type {suffix or '(none)'}"})
+        found.rejects.append({"source": "input", "item": str(path),
+                              "reason": f"unsupported file type {suffix(path) or '(none)'}"})
 
 
 def collect_inputs(paths: list[str | Path]) -> InputFiles:
-    """Sort the ``--input`` paths (files and folders) into structures, patterns, images and texts."""
+    """Sort the ``--input`` paths (files and folders) by the modality that reads them."""
     if not paths:
-        raise CMMAError("Nothing to embed: give --input a CIF file or folder, a table, pattern files or a text file.")
+        raise CMMAError(f"Nothing to embed: give --input {input_kinds()}.")
     found = InputFiles()
     for raw in paths:
         path = Path(raw).expanduser()
@@ -197,7 +132,7 @@ def collect_inputs(paths: list[str | Path]) -> InputFiles:
         else:
             _add_file(path, found, explicit=True)
     if found.empty():
-        raise CMMAError("None of the --input files could be used (see the rejects): give CIFs, patterns, images or texts.")
+        raise CMMAError(f"None of the --input files could be used (see the rejects): give {input_kinds()}.")
     return found
 
 
@@ -215,42 +150,6 @@ class _Embedded:
         self.parts[modality] = (old_ids + list(ids), np.concatenate([old, vectors]))
 
 
-def _embed_structures(encoder, found: InputFiles, processed: dict[str, Any], run: str, batch: _Embedded) -> None:
-    """CIFs and CIF tables, read as ``cmma fetch --source local`` reads them, featurized as preprocess does."""
-    from cmma_cli.encode import featurize_options, structure_inputs
-    from cmma_cli.sources.local import load_local
-
-    if "structure" not in encoder.modalities and "xrd" not in encoder.modalities:
-        encoder.require("structure", run)
-    raw = load_local([str(p) for p in found.structures])
-    batch.rejects += raw.rejects
-    measured = dict(found.patterns)
-    ids = raw.materials["material_id"].astype(str).tolist()
-    used = {m for m in ids if m in measured}
-    options = featurize_options(processed, xrd="xrd" in encoder.modalities)
-    items = [(m, s, str(measured[m]) if m in used else None) for m, s in zip(ids, raw.materials["structure"])]
-    new = structure_inputs(items, options)
-    batch.rejects += new.rejects
-    for modality, (vec_ids, vectors) in encoder.embed_new(new.table).items():
-        batch.add(modality, vec_ids, vectors)
-    keep = [c for c in raw.materials.columns if c not in ("structure", "elements")]
-    files = {f"local:{p.name}": str(p.resolve()) for p in found.structures}  # load_local's source names
-    for row in raw.materials[keep].to_dict("records"):
-        source = row.pop("source", None)
-        batch.materials.append({**row, "kind": "structure", "file": files.get(source, source)})
-    found.patterns = [(m, p) for m, p in found.patterns if m not in used]  # became structures' patterns
-
-
-def _embed_files(encoder, modality: str, kind: str, new, items: list[tuple[str, Path]], batch: _Embedded) -> None:
-    """Pattern or image files (already read into ``new``) through their encoder."""
-    batch.rejects += new.rejects
-    ids = new.table.column("material_id").to_pylist()
-    rows, vectors = encoder.embed_table(modality, new.table)
-    batch.add(modality, [ids[int(r)] for r in rows], vectors)
-    files = dict(items)
-    batch.materials += [{"material_id": m, "kind": kind, "file": str(files[m])} for m in ids]
-
-
 def _default_name(paths: list[str | Path], root: Path) -> str:
     stem = Path(str(paths[0])).expanduser().name.split(".")[0] or "inputs"
     name, n = stem, 2
@@ -262,8 +161,8 @@ def _default_name(paths: list[str | Path], root: Path) -> str:
 def embed_inputs(ws: Workspace, cfg: EmbedConfig, paths: list[str | Path], out: Path | None = None,
                  name: str | None = None) -> dict[str, Any]:
     """Embed the user's ``paths`` with a trained run (no retraining); returns the manifest of the output folder."""
-    from cmma_cli.embed import check_config, clear_stage, resolve_checkpoint, unify, write_embeddings
-    from cmma_cli.encode import Encoder, image_inputs, pattern_inputs, xrd_grid
+    from cmma_cli.embed import UNIFIED, check_config, clear_stage, resolve_checkpoint, unify, write_embeddings
+    from cmma_cli.encode import Encoder
 
     check_config(cfg)
     processed = require_stage(ws.processed, "preprocess")
@@ -276,20 +175,21 @@ def embed_inputs(ws: Workspace, cfg: EmbedConfig, paths: list[str | Path], out: 
     started = time.perf_counter()
     encoder = Encoder(checkpoint, processed, cache_dir=ws.cache, device=cfg.device,
                       batch_size=cfg.batch_size, workers=cfg.workers)
+    for modality in found.files:  # a CIF is usable by a run with the structure or the xrd encoder
+        if not any(source in encoder.modalities for source in get_modality(modality).query_sources()):
+            encoder.require(modality, run)
+    inputs = found.read(encoder.preprocess)
+    if not any(got.ids for got in inputs.values()):
+        raise CMMAError(f"None of the --input files could be used (see the rejects): give {input_kinds()}.")
     batch = _Embedded(encoder.dim, rejects=list(found.rejects))
-    if found.structures:
-        _embed_structures(encoder, found, processed, run, batch)
-    if found.patterns:
-        encoder.require("xrd", run)
-        _embed_files(encoder, "xrd", "pattern", pattern_inputs(found.patterns, xrd_grid(processed)), found.patterns, batch)
-    if found.images:
-        encoder.require("image", run)
-        _embed_files(encoder, "image", "image", image_inputs(found.images), found.images, batch)
-    if found.texts:
-        encoder.require("text", run)
-        batch.add("text", [t[0] for t in found.texts], encoder.embed_texts([t[1] for t in found.texts]))
-        batch.materials += [{"material_id": m, "kind": "text", "file": f, "text": t} for m, t, f in found.texts]
-    parts, materials, rejects = batch.parts, batch.materials, batch.rejects
+    for modality, got in inputs.items():
+        table, rejects = encoder.rows(get_modality(modality), got)
+        batch.rejects += got.rejects + rejects
+        for name_, (ids, vectors) in encoder.embed_new(table).items():
+            batch.add(name_, ids, vectors)
+        batch.materials += got.materials
+    parts = {m: batch.parts[m] for m in encoder.modalities if m in batch.parts}  # the run's order
+    materials, rejects = batch.materials, batch.rejects
     for modality, (ids, _) in parts.items():
         repeated = sorted(m for m, n in Counter(ids).items() if n > 1)
         if repeated:
@@ -301,9 +201,9 @@ def embed_inputs(ws: Workspace, cfg: EmbedConfig, paths: list[str | Path], out: 
         written[modality] = write_embeddings(out, modality, {"material_id": pa.array(ids, pa.string())}, vectors, cfg)
     all_ids = list(dict.fromkeys(m for ids, _ in parts.values() for m in ids))
     uid, unified, used_modalities = unify(all_ids, parts)
-    written["unified"] = write_embeddings(out, "unified", {"material_id": pa.array(uid, pa.string()),
-                                                            "modalities": pa.array(used_modalities, pa.list_(pa.string()))},
-                                          unified, cfg)
+    written[UNIFIED] = write_embeddings(out, UNIFIED, {"material_id": pa.array(uid, pa.string()),
+                                                       "modalities": pa.array(used_modalities, pa.list_(pa.string()))},
+                                        unified, cfg)
     embedded = set(all_ids)
     write_table(pd.DataFrame([r for r in materials if r["material_id"] in embedded]), out / "materials.parquet")
     write_table(pd.DataFrame(rejects, columns=REJECT_COLUMNS).astype(str), out / "rejects.parquet")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from rich.table import Table
 
-from cmma_cli.config import FetchConfig, as_dict
+from cmma_cli.config import FetchConfig, as_dict, validate
 from cmma_cli.console import console
 from cmma_cli.errors import CMMAError
 from cmma_cli.sources.schema import KNOWN_PROPERTIES, RawData, rejects_frame
@@ -75,10 +76,30 @@ def apply_filters(raw: RawData, cfg: FetchConfig) -> RawData:
     return raw
 
 
+def resolve_source(cfg: FetchConfig, api_key: str | None) -> FetchConfig:
+    """``cfg`` with its source decided: as given, else local when it has paths, mp with an API key, else the sample."""
+    source = cfg.source
+    if source is None:
+        if cfg.paths:
+            source = "local"
+        elif api_key:
+            source = "mp"
+        else:
+            source = "sample"
+            console.print("Using the built-in sample (real structures shipped with pymatgen, no network). To fetch "
+                          "from the Materials Project, set MP_API_KEY or pass --api-key.", highlight=False)
+    if cfg.paths and source != "local":
+        raise CMMAError(f"PATHS are only read with --source local (you gave --source {source}): drop them or use "
+                        "--source local.")
+    return replace(cfg, source=source)
+
+
 def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Fetch raw data into ``ws.raw`` and return its manifest (the existing one when up to date)."""
-    if cfg.source not in SOURCES:
-        raise CMMAError(f"Unknown source {cfg.source!r}: choose one of {', '.join(SOURCES)}.")
+    """Fetch raw data into ``ws.raw`` and return its manifest (the existing one when up to date).
+
+    ``cfg.source`` None picks the source (see :func:`resolve_source`).
+    """
+    cfg = resolve_source(validate(cfg), api_key)
     config = as_dict(cfg)
     if cfg.source == "local":
         config["files"] = _fingerprint(cfg.paths)

@@ -60,13 +60,12 @@ def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int | None = Non
 
 def save_index(index, path: Path) -> Path:
     """Write ``index`` to ``path`` atomically (temporary name, then rename)."""
+    from cmma_cli.workspace import atomic
+
     faiss = _faiss()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
-    return path
+    with atomic(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return Path(path)
 
 
 def load_index(path: Path):

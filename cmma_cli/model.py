@@ -16,7 +16,6 @@ no head). The embeddings stay the normalised projections ``z_k`` whatever the ob
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from cmma_cli import __version__
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.base import Context
+from cmma_cli.modalities.batches import encoder_inputs, pool_items
+from cmma_cli.workspace import atomic
 
 #: CLIP's cap on the logit scale (a temperature of 0.01).
 MAX_LOGIT_SCALE = 100.0
@@ -116,9 +117,10 @@ class CMMAModel(nn.Module):
         self.predictor = nn.Linear(self.embed_dim, len(self.properties)) if self.properties else None
 
     def embed(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """L2-normalised float32 embeddings ``(rows, d)`` of one modality's collated inputs."""
-        h = self.heads[modality](self.encoders[modality](inputs))
-        return F.normalize(h.float(), dim=-1)
+        """L2-normalised float32 embeddings ``(rows, d)`` of one modality's collated inputs (several items of one
+        material, such as its synthesis texts, pooled after the head into the direction of their mean)."""
+        h = self.heads[modality](self.encoders[modality](encoder_inputs(inputs)))
+        return pool_items(F.normalize(h.float(), dim=-1), inputs, normalise=True)
 
     def forward(self, inputs: dict[str, dict[str, torch.Tensor]], masks: dict[str, torch.Tensor],
                 with_predictions: bool = False) -> tuple:
@@ -157,12 +159,10 @@ class CMMAModel(nn.Module):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": CHECKPOINT_FORMAT, "version": __version__, **state}, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write a checkpoint atomically (see :func:`cmma_cli.workspace.atomic`)."""
+    with atomic(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": __version__, **state}, tmp)
+    return Path(path)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

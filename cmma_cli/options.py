@@ -2,9 +2,13 @@
 
 Every field of a config in :mod:`cmma_cli.config` becomes an option of its command: ``epochs`` ->
 ``--epochs``, ``learn_temperature`` -> ``--learn-temperature/--no-learn-temperature``, a list -> a
-comma-separated value (``--modalities structure,text``). The help text is the field's trailing comment in
-``config.py``, so the docs live next to the defaults. Values come, lowest to highest priority, from the
-dataclass default, the ``[section]`` table of ``--config file.toml``, and the command line.
+comma-separated value (``--modalities structure,text``, also repeatable: ``-e Li -e O``). The help text is
+the field's trailing comment in ``config.py``, so the docs live next to the defaults. Field metadata may
+add a short flag (``metadata={"short": "-e"}``), rename the long one (``{"long": "--from"}``) and set a
+lower bound for numbers (``{"min": 1}``); ``choices`` and ``check`` are applied by
+:func:`cmma_cli.config.validate` when the command starts, before it reads anything. Values come, lowest to
+highest priority, from the dataclass default, the ``[section]`` table of ``--config file.toml``, and the
+command line. Options that are not settings (secrets such as an API key, inputs) stay the command's own.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from cmma_cli.config import base_type, coerce, flat_fields, load_toml_section, section_types, validate
+from cmma_cli.config import base_type, coerce, flat_fields, load_toml_section, option_flag, section_types, validate
 
 CONFIG_PARAM = "config"
 
@@ -56,21 +60,33 @@ def _parameters(cls: type, skip: set[str]) -> list[inspect.Parameter]:
             continue
         owner = cls if modality is None else section_types(cls._sections)[modality]
         base, is_list, _ = base_type(typing.get_type_hints(owner)[f.name])
-        flag = "--" + name.replace("_", "-")
+        flag = option_flag(cls, name)
+        short = [f.metadata["short"]] if f.metadata.get("short") else []
         help_text = f"{field_help(owner).get(f.name, '')} (default: {_default_text(f)})".strip()
+        extra: dict[str, Any] = {}
         if base is bool:
-            decls = [f"{flag}/--no-{flag[2:]}"]
+            decls = [f"{flag}/--no-{flag[2:]}", *short]
             kind = Optional[bool]
         else:
-            decls = [flag]
-            kind = Optional[str] if is_list else Optional[base]
+            decls = [flag, *short]
+            kind = Optional[list[str]] if is_list else Optional[base]
             if is_list:
-                help_text = "Comma-separated. " + help_text
+                help_text = "Comma-separated or repeated. " + help_text
+            elif "min" in f.metadata:
+                extra["min"] = f.metadata["min"]
         panel = "Settings" if modality is None else f"{modality} settings"
-        option = typer.Option(*decls, help=help_text, show_default=False, rich_help_panel=panel)
+        option = typer.Option(*decls, help=help_text, show_default=False, rich_help_panel=panel, **extra)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[kind, option]))
     return params
+
+
+def _given(value: Any) -> Any:
+    """A command-line value as :func:`~cmma_cli.config.coerce` takes it: a repeated list option joined by commas,
+    an absent one None."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(value) if value else None
+    return value
 
 
 def with_config(cls: type, section: str, skip: tuple[str, ...] = ()) -> Callable:
@@ -96,12 +112,12 @@ def with_config(cls: type, section: str, skip: tuple[str, ...] = ()) -> Callable
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             config_file = kwargs.pop(CONFIG_PARAM, None)
-            given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            given = {k: _given(kwargs.pop(k)) for k in list(kwargs) if k in names}
             values: dict[str, Any] = {}
             if config_file is not None:
                 values.update(load_toml_section(config_file, section, cls))
-            values.update({k: v for k, v in given.items() if v is not None})
-            values = {k: coerce(cls, k, v, "--" + k.replace("_", "-")) if k in given else v for k, v in values.items()}
+            given = {k: v for k, v in given.items() if v is not None}
+            values.update({k: coerce(cls, k, v, option_flag(cls, k)) for k, v in given.items()})
             return fn(*args, cfg=validate(cls(**values)), **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=own + [config_opt] + extra)

@@ -1,9 +1,11 @@
 """``cmma retrieve``: cross-modal search in the embeddings of a trained run.
 
-A query is a text (a synthesis procedure or a description), a CIF, a measured XRD pattern, an image,
-or a material already embedded (its stored vector). It is encoded by the run's own encoder for its
-modality (``--from``) and searched, by cosine similarity, in one of the run's indexes (``--to``:
-structure by default, unified, or another modality's). Results carry the processed properties
+A query is what a registered modality takes as one (:attr:`~cmma_cli.modalities.base.Modality.query_option`:
+a typed text, a CIF, a measured XRD pattern, an image), or a material already embedded (its stored
+vector). It is read by its modality as a new input is (:meth:`~cmma_cli.modalities.base.Modality.read_query`),
+encoded by the run's own encoder (``--from``: the modality's, or another it can go through, as a CIF
+through its computed pattern) and searched, by cosine similarity, in one of the run's indexes (``--to``:
+the first registered modality's by default, unified, or another table). Results carry the processed properties
 (formula, crystal system, band gap, formation energy, energy above hull) and may be filtered by them
 (``--filter "band_gap>1"``).
 
@@ -20,7 +22,6 @@ import operator
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,16 +33,54 @@ from cmma_cli.errors import CMMAError
 from cmma_cli.console import console
 from cmma_cli.workspace import MANIFEST, Workspace, manifest_hash, read_manifest, require_stage
 
-#: The tables a query can be searched against.
-TARGETS = ("structure", "text", "xrd", "image", "synthesis", "unified")
-#: What each kind of query can be encoded as (first: the default).
-SOURCES = {
-    "text": ("text",),
-    "structure": ("structure", "xrd"),  # a CIF's computed pattern goes through the XRD encoder
-    "pattern": ("xrd",),
-    "image": ("image",),
-    "material": ("structure", "text", "xrd", "image", "unified"),
-}
+#: The query kind of an embedded material (its stored vector): ``--material ID``.
+MATERIAL = "material"
+UNIFIED = "unified"
+
+
+def targets() -> tuple[str, ...]:
+    """The tables a query can be searched against: every table ``cmma embed`` may write."""
+    from cmma_cli.embed import tables
+
+    return tables()
+
+
+def query_options() -> dict[str, str]:
+    """``{query kind: modality}``: each registered modality's query option (the positional one first)."""
+    from cmma_cli.modalities import REGISTRY
+
+    found = [m for m in REGISTRY.values() if m.query_option]
+    return {m.query_option: m.name for m in sorted(found, key=lambda m: not m.query_positional)}
+
+
+def sources() -> dict[str, tuple[str, ...]]:
+    """What each kind of query can be encoded as (first: the default)."""
+    from cmma_cli.modalities import REGISTRY, get_modality
+
+    out = {kind: get_modality(name).query_sources() for kind, name in query_options().items()}
+    out[MATERIAL] = (*REGISTRY, UNIFIED)
+    return out
+
+
+def _examples(flags: bool = False) -> list[str]:
+    """How each query is given: ``a text query in quotes``, ``--structure FILE.cif``, ... (``flags``: just the
+    option names, ``text``, ``--structure``, ...), the embedded material last."""
+    from cmma_cli.modalities import get_modality
+
+    out = []
+    for kind, name in query_options().items():
+        m = get_modality(name)
+        out.append((kind if m.query_positional else f"--{kind}") if flags else (m.query_example or f"--{kind} FILE"))
+    return [*out, f"--{MATERIAL}" if flags else f"--{MATERIAL} ID"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TARGETS":  # from the registry now (a modality may be registered after this import)
+        return targets()
+    if name == "SOURCES":
+        return sources()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: The processed properties shown with every result (where the data has them).
 KEY_PROPERTIES = ("formula", "crystal_system", "spacegroup_symbol", "band_gap", "formation_energy_per_atom",
                   "energy_above_hull")
@@ -50,30 +89,54 @@ _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.
 _FILTER = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
 
 
-@dataclass
 class Query:
-    """One query: exactly one of a text, a CIF file, a material id, a pattern file or an image file."""
+    """One query: exactly one of the registered modalities' queries (``Query(text=...)``,
+    ``Query(structure=path)``, ``Query(pattern=path)``, ``Query(image=path)``: their
+    :attr:`~cmma_cli.modalities.base.Modality.query_option`) or an embedded material id (``Query(material=ID)``).
+    A positional argument is the positional query (the typed text)."""
 
-    text: str | None = None
-    structure: Path | None = None
-    material: str | None = None
-    pattern: Path | None = None
-    image: Path | None = None
+    def __init__(self, *args: Any, **given: Any):
+        kinds = [*query_options(), MATERIAL]
+        if args:
+            if len(args) > 1 or not kinds[:-1] or kinds[0] in given:
+                raise TypeError(f"Query() takes at most one positional query, then keywords among {', '.join(kinds)}")
+            given[kinds[0]] = args[0]
+        unknown = [k for k in given if k not in kinds]
+        if unknown:
+            raise TypeError(f"Query() got unknown queries {', '.join(unknown)}: the queries are {', '.join(kinds)}")
+        self.given = {k: given.get(k) for k in kinds}
+
+    def __getattr__(self, name: str) -> Any:
+        given = self.__dict__.get("given", {})
+        if name in given:
+            return given[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return "Query(" + ", ".join(f"{k}={v!r}" for k, v in self.given.items() if v not in (None, "")) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Query) and self.given == other.given
 
     @property
     def kind(self) -> str:
-        given = [k for k in ("text", "structure", "material", "pattern", "image") if getattr(self, k) not in (None, "")]
+        given = [k for k, v in self.given.items() if v not in (None, "")]
         if not given:
-            raise CMMAError('Nothing to search for: give a text query in quotes, or --structure FILE.cif, '
-                            '--material ID, --pattern FILE.xy or --image FILE.png.')
+            examples = _examples()
+            raise CMMAError(f"Nothing to search for: give {examples[0]}, or {', '.join(examples[1:-1])} or {examples[-1]}."
+                            if len(examples) > 2 else f"Nothing to search for: give {' or '.join(examples)}.")
         if len(given) > 1:
             raise CMMAError(f"Give one query at a time, not {' and '.join(given)}.")
         return given[0]
 
+    @property
+    def value(self) -> Any:
+        """What was given for the query's kind."""
+        return self.given[self.kind]
+
     def describe(self) -> dict[str, Any]:
         """The query as JSON: its kind and value."""
-        value = getattr(self, self.kind)
-        return {"kind": self.kind, "value": str(value)}
+        return {"kind": self.kind, "value": str(self.value)}
 
 
 @dataclass
@@ -150,11 +213,11 @@ class Result:
 
 def newest_embeddings(ws: Workspace) -> str:
     """The run whose embeddings were written last, or one sentence saying how to make some."""
-    found = [p for p in (ws.root / "embeddings").glob("*/") if (p / MANIFEST).is_file()]
+    found = ws.finished("embed")
     if not found:
         raise CMMAError(f"There are no embeddings in {ws.root / 'embeddings'} yet: run `cmma embed` "
                         "(after `cmma train`) first.")
-    return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime).name
+    return found[-1]
 
 
 def _clean(value: Any) -> Any:
@@ -181,7 +244,7 @@ class Retriever:
         self.run = run or newest_embeddings(ws)
         self.dir = ws.embeddings_dir(self.run)
         if read_manifest(self.dir) is None:
-            others = sorted(p.parent.name for p in (ws.root / "embeddings").glob(f"*/{MANIFEST}"))
+            others = sorted(ws.finished("embed"))
             hint = f" (runs with embeddings: {', '.join(others)})" if others else ""
             raise CMMAError(f"There are no embeddings for run {self.run!r} in {self.dir}{hint}: run "
                             f"`cmma embed --run {self.run}` first.")
@@ -192,7 +255,7 @@ class Retriever:
                           f"may not match; run `cmma embed --run {self.run} --force`.[/]",
                           highlight=False, soft_wrap=True)
         self.modalities: list[str] = list(self.manifest["modalities"])
-        self.tables = [t for t in TARGETS if (self.dir / f"{t}.parquet").is_file() and (self.dir / f"{t}.faiss").is_file()]
+        self.tables = [t for t in targets() if (self.dir / f"{t}.parquet").is_file() and (self.dir / f"{t}.faiss").is_file()]
         if threads is not None and threads < 1:
             raise CMMAError(f"--threads must be at least 1, not {threads}.")
         self.device, self.threads = device, threads
@@ -201,7 +264,7 @@ class Retriever:
         self._vectors: dict[str, tuple[pd.Index, np.ndarray]] = {}
         self._properties: pd.DataFrame | None = None
         self._encoder = None
-        self._text_ready = False
+        self._warm: set[str] = set()  # encoders whose query-time models are loaded
         self.load_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------ lazy parts
@@ -240,8 +303,10 @@ class Retriever:
             path = self.ws.processed / "materials.parquet"
             if not path.is_file():
                 raise CMMAError(f"{path} is missing, so results cannot show properties: run `cmma preprocess` first.")
+            from cmma_cli.properties import non_property
+
             schema = pq.ParquetFile(path).schema_arrow
-            skip = {"description", "xrd_source", "image_path", "source", "structure"}
+            skip = non_property() - {"material_id", "formula"}  # modality data and the raw structure and source
             columns = [f.name for f in schema if f.name not in skip and not (
                 f.type.num_fields or str(f.type).startswith(("list", "large_list", "struct")))]
             frame = pq.read_table(path, columns=columns).to_pandas()
@@ -277,42 +342,45 @@ class Retriever:
     def prepare(self, kind: str, source: str, target: str) -> None:
         """Load, once, everything a query of this kind needs (counted as loading, not as encoding or search)."""
         ready = (target in self._indexes and target in self._ids and self._properties is not None
-                 and (source in self._vectors if kind == "material" else self._encoder is not None)
-                 and (kind != "text" or self._text_ready))
+                 and (source in self._vectors if kind == MATERIAL else source in self._warm))
         if ready:
             return
         started = time.perf_counter()
         self.index(target)
         self.ids(target)
         self.properties()
-        if kind == "material":
+        if kind == MATERIAL:
             self.vectors(source)
         else:
-            encoder = self.encoder()
-            if kind == "text" and not self._text_ready:
-                encoder.embed_texts(["warm-up"])  # loads the sentence model
-                self._text_ready = True
+            from cmma_cli.modalities import get_modality
+
+            get_modality(source).warm_up(self.encoder())  # e.g. loads the sentence model
+            self._warm.add(source)
         self.load_seconds += time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ query
 
     def resolve(self, query: Query, source: str | None, target: str | None) -> tuple[str, str]:
         """The ``(from, to)`` of a query, checked against what this run has."""
+        from cmma_cli.modalities import REGISTRY
+
         kind = query.kind
-        allowed = SOURCES[kind]
-        source = source or (allowed[0] if kind != "material" else ("structure" if "structure" in self.tables else "unified"))
+        allowed = sources()[kind]
+        first = next(iter(REGISTRY), UNIFIED)  # the default table: the first registered modality's (the structure)
+        default = first if first in self.tables else UNIFIED
+        source = source or (allowed[0] if kind != MATERIAL else default)
         if source not in allowed:
             raise CMMAError(f"A {kind} query is encoded as {' or '.join(allowed)}, not {source}: drop --from or "
-                            "pass the query that goes with it (text, --structure, --pattern, --image, --material).")
-        if kind != "material" and source not in self.modalities:
+                            f"pass the query that goes with it ({', '.join(_examples(flags=True))}).")
+        if kind != MATERIAL and source not in self.modalities:
             raise CMMAError(f"Run {self.run!r} was not trained with the {source} modality (it has "
                             f"{', '.join(self.modalities)}): query from one of those, or train a run that includes "
                             f"{source} (cmma train --modalities ...).")
-        target = target or ("structure" if "structure" in self.tables else "unified")
-        if target not in TARGETS:
-            raise CMMAError(f"--to must be one of {', '.join(TARGETS)}, not {target!r}.")
+        target = target or default
+        if target not in targets():
+            raise CMMAError(f"--to must be one of {', '.join(targets())}, not {target!r}.")
         if target not in self.tables:
-            trained = "" if target in self.modalities or target in ("unified", "synthesis") else \
+            trained = "" if target in self.modalities or target not in REGISTRY else \
                 f" (run {self.run!r} was not trained with {target})"
             raise CMMAError(f"There is no {target} index for run {self.run!r}{trained}: pass --to one of "
                             f"{', '.join(self.tables)}.")
@@ -320,18 +388,21 @@ class Retriever:
 
     def stored_vector(self, material_id: str, source: str) -> np.ndarray:
         """The stored ``source`` embedding of an embedded material."""
+        from cmma_cli.embed import extra_tables
+
+        per_material = [t for t in self.tables if t not in extra_tables()]
         if source not in self.tables:
             raise CMMAError(f"Run {self.run!r} has no {source} embeddings: pass --from one of "
-                            f"{', '.join(t for t in self.tables if t != 'synthesis')}.")
+                            f"{', '.join(per_material)}.")
         ids, vectors = self.vectors(source)
         position = ids.get_indexer([material_id])[0]
         if position >= 0:
             return vectors[position]
-        everywhere = self.ids("unified")["material_id"] if "unified" in self.tables else pd.Series([], dtype=str)
+        everywhere = self.ids(UNIFIED)["material_id"] if UNIFIED in self.tables else pd.Series([], dtype=str)
         if material_id in set(everywhere):
-            has = [t for t in self.tables if t not in ("synthesis", "unified") and material_id in set(self.ids(t)["material_id"])]
+            has = [t for t in per_material if t != UNIFIED and material_id in set(self.ids(t)["material_id"])]
             raise CMMAError(f"Material {material_id!r} has no {source} embedding (it has {', '.join(has)}): pass "
-                            f"--from {has[0] if has else 'unified'}.")
+                            f"--from {has[0] if has else UNIFIED}.")
         close = difflib.get_close_matches(material_id, list(everywhere), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise CMMAError(f"Unknown material id {material_id!r}: no material with that id was embedded in run "
@@ -340,16 +411,9 @@ class Retriever:
     def encode(self, query: Query, source: str) -> np.ndarray:
         """The ``(d,)`` query vector in the shared space."""
         kind = query.kind
-        if kind == "material":
-            return self.stored_vector(str(query.material), source)
-        encoder = self.encoder()
-        if kind == "text":
-            return encoder.embed_query_text(str(query.text))
-        if kind == "structure":
-            return encoder.embed_structure_file(Path(query.structure), want=(source,))[source]
-        if kind == "pattern":
-            return encoder.embed_pattern_file(Path(query.pattern))
-        return encoder.embed_image_file(Path(query.image))
+        if kind == MATERIAL:
+            return self.stored_vector(str(query.value), source)
+        return self.encoder().embed_query(query_options()[kind], query.value, source)
 
     def allowed(self, target: str, filters: list[Filter]) -> np.ndarray | None:
         """Which rows of ``target`` pass every filter (None: no filters)."""
@@ -421,10 +485,13 @@ def render(result: Result):
 
     title = (f"{result.query['kind']} -> {result.target} ({result.index_size} vectors, run {result.run})"
              + (f", filters {' '.join(result.filters)}" if result.filters else ""))
+    from cmma_cli.embed import extra_tables
+
+    row_key = extra_tables().get(result.target)  # a table whose rows are not materials (recipes): their id first
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
-    if result.target == "synthesis":
-        table.add_column("recipe")
+    if row_key:
+        table.add_column(row_key.removesuffix("_id"))
     table.add_column("material")
     table.add_column("formula")
     table.add_column("score", justify="right")
@@ -436,16 +503,16 @@ def render(result: Result):
         table.add_column(_FORMATS[key][0], justify="right")
     for key in extra:
         table.add_column(key, justify="right")
-    if result.target == "unified":
+    if result.target == UNIFIED:
         table.add_column("modalities")
     for r in result.rows:
         cells = [str(r["rank"])]
-        if result.target == "synthesis":
-            cells.append(str(r.get("recipe_id")))
+        if row_key:
+            cells.append(str(r.get(row_key)))
         cells += [str(r["material_id"]), str(r.get("formula") or ""), f"{r['score']:.4f}", str(r.get("crystal_system") or "")]
         cells += [_FORMATS[k][1].format(r[k]) if r.get(k) is not None else "" for k in shown]
         cells += ["" if r.get(k) is None else str(r[k]) for k in extra]
-        if result.target == "unified":
+        if result.target == UNIFIED:
             cells.append(",".join(r.get("modalities") or []))
         table.add_row(*cells)
     return table

@@ -11,8 +11,10 @@ Layout (``<ws>`` is ``--workspace/-w``, else ``$CMMA_WORKSPACE``, else ``./data`
 
 Every stage directory holds a ``manifest.json`` written *last*: the stage, the package version, the
 config that made it, the hashes of its inputs' manifests, row counts and the time. A directory whose
-manifest is missing is not trusted (the stage was interrupted); tables are written to a temporary name
-and renamed, so a reader never sees half a table.
+manifest is missing is not trusted (the stage was interrupted). Every file is written through
+:func:`atomic` (a temporary name beside it, renamed into place when complete), so a reader never sees half
+a file; :meth:`Workspace.finished` lists a stage's finished runs and :class:`RunFiles` names a training
+run's files.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Iterable
 
 import pandas as pd
@@ -38,6 +42,9 @@ MANIFEST = "manifest.json"
 #: Rows per Parquet row group: later stages stream tables a row group at a time, so memory stays flat.
 ROW_GROUP_SIZE = 2048
 ENV_VAR = "CMMA_WORKSPACE"
+
+#: The folder below the workspace root that holds each per-run stage's runs (``<ws>/<folder>/<run>/``).
+RUN_FOLDERS = {"train": "runs", "embed": "embeddings", "evaluate": "reports"}
 
 #: Which command makes each stage, for the "run X first" sentences.
 STAGE_COMMANDS = {
@@ -79,11 +86,30 @@ class Workspace:
     def run_dir(self, run: str) -> Path:
         return self.root / "runs" / run
 
+    def run_files(self, run: str) -> "RunFiles":
+        """The files of training run ``run`` (checkpoints, metrics, config)."""
+        return RunFiles(self.run_dir(run))
+
     def embeddings_dir(self, run: str) -> Path:
         return self.root / "embeddings" / run
 
     def reports_dir(self, run: str) -> Path:
         return self.root / "reports" / run
+
+    def finished(self, stage: str) -> list[str]:
+        """Names of the runs of ``stage`` whose manifest exists (finished), oldest first (by manifest time).
+
+        ``stage`` is a stage (``train``, ``embed``, ``evaluate``) or its folder (``runs``, ``embeddings``,
+        ``reports``): the runs are the folders ``<ws>/<folder>/<run>/``.
+        """
+        folder = self.root / RUN_FOLDERS.get(stage, stage)
+        found = [p for p in folder.glob("*/") if (p / MANIFEST).is_file()]
+        return [p.name for p in sorted(found, key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name))]
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest training checkpoint to resume from (``runs/<run>/last.pt``, finished or not), or None."""
+        found = [p for p in (self.root / RUN_FOLDERS["train"]).glob("*/last.pt") if p.is_file()]
+        return max(found, key=lambda p: (p.stat().st_mtime, p.parent.name)) if found else None
 
     @property
     def cache(self) -> Path:
@@ -104,21 +130,140 @@ class Workspace:
         return path if path.is_absolute() else self.root / path
 
 
-# --------------------------------------------------------------------------------------------- tables
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one training run, ``<ws>/runs/<run>/`` (``RunFiles(ws.run_dir(run))``)."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        """The run's ``[train]`` config, usable with ``--config``."""
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch-{epoch:03d}.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @classmethod
+    def of_checkpoint(cls, path: Path) -> "RunFiles":
+        """The run a checkpoint file belongs to (``<run>/checkpoints/epoch-NNN.pt`` or ``<run>/last.pt``)."""
+        parent = Path(path).parent
+        return cls(parent.parent if parent.name == "checkpoints" else parent)
+
+    def has_training(self) -> bool:
+        """Whether training already wrote checkpoints or metrics here."""
+        return self.checkpoints.exists() or self.metrics.exists()
+
+    def clear_training(self) -> None:
+        """Delete what training wrote (checkpoints, metrics, TensorBoard events), to start the run over."""
+        for folder in (self.checkpoints, self.tensorboard):
+            shutil.rmtree(folder, ignore_errors=True)
+        for path in (self.metrics, self.last, self.best):
+            path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- writing
 
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+class atomic:
+    """Write one file all at once: a temporary path beside ``path`` to write to, renamed onto ``path`` when done.
+
+    As a context manager it yields the temporary path, renames it into place when the block succeeds and
+    deletes it when the block raises (the old file, if any, stays)::
+
+        with atomic(path) as tmp:
+            torch.save(state, tmp)
+
+    A writer that spans several calls (a Parquet file written row group by row group) keeps the object and
+    calls :meth:`commit` or :meth:`discard` itself; ``.tmp`` is the temporary path. The folder is created.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _tmp_name(self.path)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
+
+    def commit(self) -> Path:
+        """Move the finished temporary file onto ``path``; returns ``path``."""
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Delete the temporary file (what ``path`` held before stays)."""
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_table(df: pd.DataFrame, path: Path) -> Path:
-    """Write ``df`` to ``path`` as Parquet, atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    """Write ``df`` to ``path`` as Parquet, atomically."""
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
-    os.replace(tmp, path)
-    return path
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
+    return Path(path)
+
+
+def write_arrow(table: pa.Table, path: Path) -> Path:
+    """Write an Arrow table as Parquet, atomically."""
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+class ParquetStream:
+    """One Parquet file written row group by row group, under a temporary name until :meth:`close`."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = Path(path)
+        self.file = atomic(self.path)
+        self.writer = pq.ParquetWriter(self.file.tmp, schema)
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.file.commit()
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.file.discard()
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -128,11 +273,17 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
 
 def write_json(obj: Any, path: Path) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_text(text: str, path: Path) -> Path:
+    """Write ``text`` to ``path``, atomically."""
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------ manifests

@@ -112,8 +112,9 @@ def test_each_index_row_is_the_parquet_row_and_the_manifest_ties_run_checkpoint_
 
 
 def test_text_is_the_description_else_the_mean_of_the_recipes_and_every_recipe_link_gets_a_row(embedded_sample):
-    from cmma_cli.embed import text_embeddings
     from cmma_cli.encode import Encoder
+    from cmma_cli.modalities import get_modality
+    from cmma_cli.modalities.text.encoder import embed_texts
 
     ws, run = embedded_sample.ws, embedded_sample.run
     encoder = Encoder(ws.run_dir(run) / "best.pt", read_manifest(ws.processed), cache_dir=ws.cache)
@@ -126,9 +127,10 @@ def test_text_is_the_description_else_the_mean_of_the_recipes_and_every_recipe_l
         "synthesis_texts": [[r3], [r1, r2], None],
         "recipe_ids": [["rcp-3"], ["rcp-1", "rcp-2"], None],
     })
-    text_cols, text_vectors, synth_cols, synth_vectors = text_embeddings(encoder, table)
-    one = dict(zip([table["description"][0].as_py(), r1, r2, r3], encoder.embed_texts(
-        [table["description"][0].as_py(), r1, r2, r3])))
+    tables = get_modality("text").embed_processed(encoder, table)  # the text modality's embed tables
+    (text_cols, text_vectors), (synth_cols, synth_vectors) = tables["text"], tables["synthesis"]
+    one = dict(zip([table["description"][0].as_py(), r1, r2, r3], embed_texts(
+        encoder, [table["description"][0].as_py(), r1, r2, r3])))
     assert text_cols["material_id"].to_pylist() == ["a", "b"]
     assert text_cols["text_source"].to_pylist() == ["description", "synthesis"]
     np.testing.assert_allclose(text_vectors[0], one[table["description"][0].as_py()], atol=1e-5)
@@ -137,6 +139,14 @@ def test_text_is_the_description_else_the_mean_of_the_recipes_and_every_recipe_l
     assert list(zip(synth_cols["recipe_id"].to_pylist(), synth_cols["material_id"].to_pylist())) == [
         ("rcp-3", "a"), ("rcp-1", "b"), ("rcp-2", "b")]
     np.testing.assert_allclose(synth_vectors, np.stack([one[r3], one[r1], one[r2]]), atol=1e-5)
+    # validation (and evaluation) embed a material's text exactly this way: its deterministic batch, pooled
+    from cmma_cli.modalities.base import Context
+    from cmma_cli.modalities.batches import MaterialSet
+
+    materials = MaterialSet(table, {"text": encoder.spec["encoders"]["text"]}, Context({}, cache_dir=ws.cache))
+    batch = materials.collate(np.arange(3))
+    validation = encoder.model.embed("text", batch["inputs"]["text"]).detach().numpy()
+    np.testing.assert_allclose(validation, text_vectors, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ skip, force, options
@@ -235,15 +245,16 @@ def test_text_inputs_come_as_json_strings_objects_or_recipes_and_are_cleaned_lik
     path.write_text(json.dumps(["Heated  at 1200 degrees C for 12 hrs.", {"id": "mine", "text": "A layered oxide."},
                                 recipe, {"unrelated": 1}]))
     (tmp_path / "table.csv").write_text("name,description\nrow-a,Rock salt  structure.\nrow-b,\n")
-    found = collect_inputs([path, tmp_path / "table.csv"])
-    assert found.texts == [
+    found = collect_inputs([path, tmp_path / "table.csv"]).read()["text"]  # what the text modality read
+    texts = list(zip(found.ids, found.values["description"], [m["file"] for m in found.materials]))
+    assert texts == [
         ("queries-0", normalize_text("Heated  at 1200 degrees C for 12 hrs."), str(path)),
         ("mine", "A layered oxide.", str(path)),
-        (found.texts[2][0], compose_procedure(recipe, "solid-state"), str(path)),
+        (texts[2][0], compose_procedure(recipe, "solid-state"), str(path)),
         ("row-a", "Rock salt structure.", str(tmp_path / "table.csv")),
     ]
-    assert found.texts[0][1] == "Heated at 1200 °C for 12 h."
-    assert found.texts[2][0].startswith("rcp-") and "Li2CO3" in found.texts[2][1]
+    assert texts[0][1] == "Heated at 1200 °C for 12 h."
+    assert texts[2][0].startswith("rcp-") and "Li2CO3" in texts[2][1]
     assert [r["item"] for r in found.rejects] == [f"{path}:3", f"{tmp_path / 'table.csv'}:1"]
 
 

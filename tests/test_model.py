@@ -51,7 +51,7 @@ def structure_vectors(structures: list[Structure], architecture: str, pooling: s
     ctx = Context({"config": {"cutoff": CUTOFF}})
     modality = get_modality("structure")
     table = structure_table(structures)
-    spec = modality.spec(cfg, table, ctx)
+    spec = modality.spec(cfg.structure, table, ctx)
     spec["avg_neighbors"] = 30.0  # fixed, so tables of different sizes get the same network
     encoder = modality.encoder(spec).double().eval()
     inputs = modality.collate(modality.prepare(table, spec, ctx), np.arange(len(structures)), None)
@@ -102,7 +102,7 @@ def test_graphs_are_collated_into_one_disjoint_batch():
     table = structure_table(structures)
     modality = get_modality("structure")
     cfg = TrainConfig(**SMALL)
-    spec = modality.spec(cfg, table, Context({"config": {"cutoff": CUTOFF}}))
+    spec = modality.spec(cfg.structure, table, Context({"config": {"cutoff": CUTOFF}}))
     data = modality.prepare(table, spec, Context({}))
     batch = modality.collate(data, np.array([2, 0]), None)  # LiFePO4 then Si
     n_lfp, n_si = len(structures[2]), len(structures[0])
@@ -151,7 +151,7 @@ def test_logit_scale_is_clamped_at_100_like_clip():
 
 def test_xrd_encoder_sees_where_peaks_are():
     torch.manual_seed(0)
-    spec = get_modality("xrd").spec(TrainConfig(**SMALL), None, Context({"xrd_grid": {"size": 1601}}))
+    spec = get_modality("xrd").spec(TrainConfig(**SMALL).xrd, None, Context({"xrd_grid": {"size": 1601}}))
     assert spec["length"] == 1601
     encoder = get_modality("xrd").encoder(spec).eval()
     grid = np.linspace(10, 90, 1601)
@@ -208,18 +208,18 @@ def text_table() -> pa.Table:
 
 
 def test_frozen_text_is_embedded_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    import cmma_cli.modalities.text as text
+    import cmma_cli.modalities.text.encoder as text
 
     cfg = TrainConfig(**SMALL)
     ctx = Context({}, cache_dir=tmp_path, show_progress=False)
     modality = get_modality("text")
-    spec = modality.spec(cfg, None, ctx)
+    spec = modality.spec(cfg.text, None, ctx)
     assert spec["dim"] == 384 and spec["tune"] == "frozen"
     data = modality.prepare(text_table(), spec, ctx)
     assert data.present.tolist() == [True, False, True]
     assert len(data.texts) == 3  # two descriptions and one synthesis text
     # the cached vectors are the sentence model's own embeddings
-    direct = text.load_sentence_model(cfg.text_model).encode(data.texts, convert_to_numpy=True)
+    direct = text.load_sentence_model(cfg.text.model).encode(data.texts, convert_to_numpy=True)
     assert np.allclose(data.embeddings, direct, atol=1e-5)
     # a second run never loads the model: everything comes from <cache>/text/
     monkeypatch.setattr(text, "load_sentence_model", lambda *a, **k: pytest.fail("the cache was not used"))
@@ -231,7 +231,7 @@ def test_frozen_text_is_embedded_once_then_read_from_the_cache(tmp_path, monkeyp
 def test_text_sampling_is_random_in_training_and_the_description_in_evaluation(tmp_path):
     modality = get_modality("text")
     ctx = Context({}, cache_dir=tmp_path, show_progress=False)
-    data = modality.prepare(text_table(), modality.spec(TrainConfig(**SMALL), None, ctx), ctx)
+    data = modality.prepare(text_table(), modality.spec(TrainConfig(**SMALL).text, None, ctx), ctx)
     rows = np.zeros(64, dtype=np.int64)  # material "a", which has a description and a synthesis text
     evaluation = modality.collate(data, rows, None)["embedding"]
     assert torch.equal(evaluation, torch.from_numpy(data.embeddings[[0] * 64]))  # always the description
@@ -241,20 +241,20 @@ def test_text_sampling_is_random_in_training_and_the_description_in_evaluation(t
 
 
 def test_partial_fine_tuning_trains_only_the_top_layers():
-    spec = get_modality("text").spec(TrainConfig(text_tune="top:2"), None, Context({}))
+    spec = get_modality("text").spec(TrainConfig(text_tune="top:2").text, None, Context({}))
     encoder = get_modality("text").encoder(spec)
     trainable = {n.split(".layer.")[1].split(".")[0] for n, p in encoder.named_parameters()
                  if p.requires_grad and ".layer." in n}
     assert trainable == {"4", "5"}  # MiniLM-L6 has layers 0-5
     assert not any(p.requires_grad for n, p in encoder.named_parameters() if "embeddings" in n)
     with pytest.raises(CMMAError, match="frozen, full or top:K"):
-        get_modality("text").spec(TrainConfig(text_tune="top:0"), None, Context({}))
+        get_modality("text").spec(TrainConfig(text_tune="top:0").text, None, Context({}))
 
 
 def test_an_unloadable_text_model_is_one_sentence(tmp_path):
     cfg = TrainConfig(text_model=str(tmp_path / "no-such-model"))
     with pytest.raises(CMMAError, match="Could not load the text model .* pass --text-model a local folder"):
-        get_modality("text").spec(cfg, None, Context({}))
+        get_modality("text").spec(cfg.text, None, Context({}))
 
 
 def test_the_image_modality_needs_timm_or_says_how_to_get_it():
@@ -262,9 +262,9 @@ def test_the_image_modality_needs_timm_or_says_how_to_get_it():
         import timm  # noqa: F401
     except ImportError:
         with pytest.raises(CMMAError, match=r"needs timm.*pip install 'cmma\[images\]'"):
-            get_modality("image").spec(TrainConfig(), None, Context({}))
+            get_modality("image").spec(TrainConfig().image, None, Context({}))
         return
-    spec = get_modality("image").spec(TrainConfig(image_model="resnet18", image_pretrained=False, image_size=64), None, Context({}))
+    spec = get_modality("image").spec(TrainConfig(image_model="resnet18", image_pretrained=False, image_size=64).image, None, Context({}))
     encoder = get_modality("image").encoder(spec)
     assert encoder({"image": torch.rand(2, 3, 64, 64)}).shape == (2, encoder.out_dim)
 
@@ -294,7 +294,7 @@ def test_xrd_training_patterns_are_shifted_and_modulated_but_evaluation_patterns
                       "xrd": pa.array([pattern.astype(np.float32).tolist(), None], pa.list_(pa.float32()))})
     modality = get_modality("xrd")
     ctx = Context({"xrd_grid": {"size": 1601, "step": 0.05}})
-    spec = modality.spec(TrainConfig(**SMALL), table, ctx)
+    spec = modality.spec(TrainConfig(**SMALL).xrd, table, ctx)
     assert spec["augment"] and spec["max_shift"] == 3  # 0.15 degrees on a 0.05 degree grid
     data = modality.prepare(table, spec, ctx)
     assert data.present.tolist() == [True, False]

@@ -66,10 +66,12 @@ def test_a_measured_pattern_file_finds_its_material_first(retriever, processed, 
 def test_a_description_ranks_its_material_far_above_chance(retriever, processed):
     sample = processed.dropna(subset=["description"]).iloc[::7]
     n = retriever.index("structure").ntotal
-    queries = retriever.encoder().embed_texts([normalize_text(t) for t in sample["description"]])  # as a query is
+    from cmma_cli.modalities.text.encoder import embed_texts
+
+    queries = embed_texts(retriever.encoder(), [normalize_text(t) for t in sample["description"]])  # as a query is
     stored_ids, stored_vectors = retriever.vectors("text")
     # a typed query gets exactly the vector `cmma embed` stored for the same text (no cache, the model itself)
-    np.testing.assert_allclose(retriever.encoder().embed_query_text(sample["description"].iloc[0]),
+    np.testing.assert_allclose(retriever.encoder().embed_query("text", sample["description"].iloc[0]),
                                stored_vectors[stored_ids.get_loc(sample["material_id"].iloc[0])], atol=1e-4)
     np.testing.assert_allclose(queries, stored_vectors[stored_ids.get_indexer(sample["material_id"])], atol=1e-4)
     ranks = []

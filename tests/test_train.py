@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmma_cli.config import TrainConfig, load_toml_section
+from cmma_cli.config import TrainConfig, flat_dict, load_toml_section
 from cmma_cli.errors import CMMAError
 from cmma_cli.model import load_model, read_checkpoint
 from cmma_cli.train import lr_factor, run_train
@@ -60,7 +60,7 @@ def test_training_lowers_the_validation_loss_and_retrieves_far_above_chance(trai
 
 def test_a_run_folder_holds_config_checkpoints_best_metrics_and_tensorboard(trained, sample_ws):
     assert load_toml_section(trained / "config.toml", "train", TrainConfig) == {
-        k: v for k, v in vars(FAST).items() if v is not None}
+        k: v for k, v in flat_dict(FAST).items() if v is not None}
     assert sorted(p.name for p in (trained / "checkpoints").glob("*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, 9)]
     rows = metrics(trained)
     best_epoch = min(rows, key=lambda r: r["val_loss"])["epoch"]

@@ -1,15 +1,17 @@
-"""``cmma evaluate --ablation KIND``: what each design choice of the evaluated run is worth.
+"""``cmma ablate KIND`` (alias ``cmma evaluate --ablation KIND``): what each design choice of the evaluated run is worth.
 
 Every variant changes one setting of the evaluated run's training config, is trained through
-``cmma train`` (run ``<run>-ablate-<kind>-<variant>``; reused when it already finished with the same
-config) and embedded through ``cmma embed``, then scored exactly like the report does: ridge probes on
-the unified embeddings and retrieval on the test split. Kinds:
+:func:`cmma_cli.api.train` (run ``<run>-ablate-<kind>-<variant>``; reused when it already finished with the
+same config) and embedded through :func:`cmma_cli.api.embed` -- what ``cmma train`` and ``cmma embed`` run --
+then scored exactly like the report does: ridge probes on the unified embeddings and retrieval on the test
+split. Kinds:
 
 - ``temperature``: learnable vs fixed softmax temperature;
 - ``dim``: latent dimension (``ablation_dims``);
 - ``modalities``: which modalities are trained together (every pair, and all of them);
-- ``encoder``: the structure GNN architecture (schnet, cgcnn, painn), and frozen vs fine-tuned text
-  (top 2 layers) when the run has text;
+- ``encoder``: each of the run's modalities' own variants
+  (:meth:`~cmma_cli.modalities.base.Modality.ablation_variants`: the structure GNN architecture -- schnet,
+  cgcnn, painn --, frozen vs fine-tuned text (top 2 layers), ...), one change to its section each;
 - ``missing``: no training: the evaluated run's unified embedding rebuilt without one modality at
   inference, probes refitted on it;
 - ``loss``: the training objective: the contrastive loss, prediction only (a property head regresses the
@@ -28,26 +30,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cmma_cli.config import EmbedConfig, EvaluateConfig, TrainConfig, as_dict
+from cmma_cli.config import EmbedConfig, EvaluateConfig, TrainConfig, as_dict, from_dict
 from cmma_cli.console import console
 from cmma_cli.errors import CMMAError
-from cmma_cli.evaluate.data import EvalData, Embeddings, load_eval_data
+from cmma_cli.evaluate.data import UNIFIED, EvalData, Embeddings, load_eval_data, resolve_run
 from cmma_cli.evaluate.probes import fit_regression, split_parts
 from cmma_cli.evaluate.report import fmt, md_table
 from cmma_cli.evaluate.retrieval import run_retrieval
-from cmma_cli.model import read_checkpoint
+from cmma_cli.modalities import get_modality
 from cmma_cli.workspace import Workspace, read_manifest, write_json
 
 KINDS = ("temperature", "dim", "modalities", "missing", "encoder", "loss")
 
 
 def base_config(data: EvalData) -> TrainConfig:
-    """The training config of the run that made the evaluated embeddings."""
+    """The training config of the run that made the evaluated embeddings (as its checkpoint recorded it: nested
+    modality sections, or the flat keys of checkpoints written before them)."""
+    from cmma_cli.model import read_checkpoint
+
     if data.checkpoint is None:
         raise CMMAError(f"The embeddings of run {data.run} name no checkpoint: run `cmma embed --run {data.run} --force`.")
-    config = read_checkpoint(data.checkpoint)["config"]
-    known = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in config.items() if k in known})
+    return from_dict(TrainConfig, read_checkpoint(data.checkpoint)["config"])
+
+
+def encoder_variants(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """``--ablation encoder``: each of the run's modalities' own variants, applied to its section of ``base``."""
+    out = []
+    for m in base.modalities:
+        section = base.settings.get(m)
+        for label, changes in get_modality(m).ablation_variants(section):
+            out.append((label, replace(base, **{m: replace(section, **changes)})))
+    return out
 
 
 def variants(kind: str, base: TrainConfig, cfg: EvaluateConfig) -> list[tuple[str, TrainConfig]]:
@@ -63,10 +76,7 @@ def variants(kind: str, base: TrainConfig, cfg: EvaluateConfig) -> list[tuple[st
         sets = [list(p) for p in combinations(mods, 2)] + ([mods] if len(mods) > 2 else [])
         return [("+".join(s), replace(base, modalities=s, pairs="all")) for s in sets]
     if kind == "encoder":
-        out = [(arch, replace(base, structure_encoder=arch)) for arch in ("schnet", "cgcnn", "painn")]
-        if "text" in base.modalities:
-            out += [("text frozen", replace(base, text_tune="frozen")), ("text top:2", replace(base, text_tune="top:2"))]
-        return out
+        return encoder_variants(base)
     if kind == "loss":
         return [("contrastive", replace(base, objective="contrastive", predict_properties=[])),
                 ("predict", replace(base, objective="predict")),
@@ -79,7 +89,7 @@ def _score(data: EvalData, cfg: EvaluateConfig, props: list[str], retrieval: boo
     row: dict[str, Any] = {}
     for prop in props:
         target = pd.to_numeric(data.materials[prop], errors="coerce").astype(float)
-        parts = split_parts(data, "unified", target)
+        parts = split_parts(data, UNIFIED, target)
         if len(parts["train"]) >= cfg.min_train and len(parts["test"]) >= cfg.min_test:
             scores, _ = fit_regression(parts, cfg.seed, cfg.probe_hidden)
             row[f"{prop} MAE"] = scores["ridge"]["mae"]
@@ -108,15 +118,14 @@ def _without(data: EvalData, dropped: str) -> EvalData:
     ids = np.array(list(sums), dtype=object)
     vecs = np.stack([sums[m] for m in ids]) if len(ids) else np.zeros((0, 1), np.float32)
     vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-    tables = {"unified": Embeddings(ids, vecs.astype(np.float32)), **{m: data.tables[m] for m in kept}}
+    tables = {UNIFIED: Embeddings(ids, vecs.astype(np.float32)), **{m: data.tables[m] for m in kept}}
     return replace(data, tables=tables)
 
 
 def run_ablation(ws: Workspace, cfg: EvaluateConfig, kind: str, force: bool = False) -> dict[str, Any]:
     """Train, embed and score every variant of ``kind``; write ``reports/<run>/ablation-<kind>.md/.json``."""
-    from cmma_cli.embed import run_embed
-    from cmma_cli.evaluate.pipeline import check_config, resolve_run
-    from cmma_cli.train import run_train
+    from cmma_cli import api
+    from cmma_cli.evaluate.pipeline import check_config
 
     if kind not in KINDS:
         raise CMMAError(f"--ablation must be one of {', '.join(KINDS)}, not {kind!r}.")
@@ -135,8 +144,8 @@ def run_ablation(ws: Workspace, cfg: EvaluateConfig, kind: str, force: bool = Fa
             name = f"{run}-ablate-{kind}-{label.replace(' ', '-').replace(':', '').replace('=', '').replace('+', '-')}"
             console.print(f"[bold]Ablation {kind}: {label}[/] (run {name})", highlight=False)
             if force or not _trained(ws, name, train_cfg):
-                run_train(ws, train_cfg, run=name, force=True)
-            run_embed(ws, EmbedConfig(run=name, device=cfg.device), force=force)
+                api.train(ws, train_cfg, run=name, force=True)
+            api.embed(ws, EmbedConfig(run=name, device=cfg.device), force=force)
             rows.append({"variant": label, "run": name, **_score(load_eval_data(ws, name), cfg, props)})
     note = ("Ridge probes on the unified embeddings (rebuilt without the dropped modality), on the test split."
             if kind == "missing" else

@@ -35,7 +35,7 @@ from cmma_cli.evaluate.data import EvalData
 from cmma_cli.evaluate.probes import CLASSIFICATION_TASKS, classification_labels, classification_scores
 from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.base import Context
-from cmma_cli.modalities.batches import MaterialSet, to_device
+from cmma_cli.modalities.batches import MaterialSet, encoder_inputs, pool_items, to_device
 from cmma_cli.model import read_checkpoint
 from cmma_cli.workspace import Workspace
 
@@ -81,7 +81,8 @@ class Predictor(nn.Module):
             mask = batch["masks"][m]
             feat = torch.zeros(n, self.encoders[m].out_dim, device=mask.device)
             if m in batch["inputs"]:
-                feat = feat.index_put((mask,), self.encoders[m](batch["inputs"][m]).float())
+                x = batch["inputs"][m]
+                feat = feat.index_put((mask,), pool_items(self.encoders[m](encoder_inputs(x)).float(), x))
             parts += [feat, mask.float()[:, None]]
         return self.head(torch.cat(parts, dim=1))
 

@@ -17,11 +17,37 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.properties import NON_PROPERTY, numeric_properties
+from cmma_cli.properties import non_property, numeric_properties
 from cmma_cli.workspace import Workspace, read_table, require_stage
 
-#: Embedding tables that are one row per material (everything but ``synthesis``), in report order.
-MATERIAL_TABLES = ("unified", "structure", "text", "xrd", "image")
+#: The embedding table of every material's normalised mean over its modalities.
+UNIFIED = "unified"
+#: The embedding table of the synthesis recipes (one row per recipe link), made by a modality's encoder.
+SYNTHESIS = "synthesis"
+#: The embeddings folder of the workspace, whose finished runs can be evaluated.
+EMBEDDINGS = "embeddings"
+
+
+def material_tables() -> tuple[str, ...]:
+    """Embedding tables that are one row per material (everything but ``synthesis``), in report order:
+    ``unified``, then every registered modality."""
+    from cmma_cli.modalities import names
+
+    return (UNIFIED, *names())
+
+
+def resolve_run(ws: Workspace, run: str | None) -> str:
+    """``run``, or the newest run with embeddings; one sentence when there is none."""
+    runs = ws.finished(EMBEDDINGS)
+    if run is None:
+        if not runs:
+            raise CMMAError(f"There are no embeddings in {ws.root / EMBEDDINGS} to evaluate: run `cmma embed` first.")
+        return runs[-1]
+    if run not in runs:
+        known = ", ".join(runs) or "none yet"
+        raise CMMAError(f"Run {run!r} has no embeddings in {ws.root / EMBEDDINGS} (embedded runs: {known}): "
+                        f"run `cmma embed --run {run}` first.")
+    return run
 
 
 @dataclass
@@ -58,7 +84,7 @@ class EvalData:
     @property
     def modalities(self) -> list[str]:
         """The modality tables present (not ``unified``)."""
-        return [m for m in self.tables if m != "unified"]
+        return [m for m in self.tables if m != UNIFIED]
 
 
 def _vectors(frame: pd.DataFrame, path: Path) -> np.ndarray:
@@ -80,7 +106,8 @@ def load_eval_data(ws: Workspace, run: str) -> EvalData:
     if not materials_path.exists() or not splits_path.exists():
         raise CMMAError(f"{ws.processed} lacks materials.parquet or splits.parquet: run `cmma preprocess --force`.")
     names = pq.ParquetFile(materials_path).schema_arrow.names
-    light = [c for c in names if c not in NON_PROPERTY or c in ("material_id", "formula", "elements")]
+    skip = non_property() - {"material_id", "formula", "elements"}
+    light = [c for c in names if c not in skip]
     materials = read_table(materials_path, columns=light)
     materials["material_id"] = materials["material_id"].astype(str)
     splits = read_table(splits_path)
@@ -88,15 +115,15 @@ def load_eval_data(ws: Workspace, run: str) -> EvalData:
     materials = materials.merge(splits[["material_id", "split", "group"]], on="material_id", how="inner")
 
     tables: dict[str, Embeddings] = {}
-    for name in MATERIAL_TABLES:
+    for name in material_tables():
         path = emb_dir / f"{name}.parquet"
         if path.exists():
             frame = read_table(path, columns=["material_id", "embedding"])
             tables[name] = Embeddings(frame["material_id"].astype(str).to_numpy(), _vectors(frame, path))
-    if "unified" not in tables:
+    if UNIFIED not in tables:
         raise CMMAError(f"{emb_dir} has no unified.parquet: run `cmma embed --run {run} --force`.")
     synthesis, synthesis_vectors = None, None
-    path = emb_dir / "synthesis.parquet"
+    path = emb_dir / f"{SYNTHESIS}.parquet"
     if path.exists():
         frame = read_table(path, columns=["recipe_id", "material_id", "embedding"])
         synthesis_vectors = _vectors(frame, path)

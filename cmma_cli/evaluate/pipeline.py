@@ -13,14 +13,13 @@ import shlex
 import time
 from typing import Any, Callable
 
-from cmma_cli.config import EvaluateConfig, as_dict
+from cmma_cli.config import EvaluateConfig, as_dict, flat_dict, validate
 from cmma_cli.console import console, progress
 from cmma_cli.errors import CMMAError
-from cmma_cli.evaluate.data import EvalData, load_eval_data
+from cmma_cli.evaluate.data import EvalData, load_eval_data, resolve_run
 from cmma_cli.evaluate.probes import CLASSIFICATION_TASKS
 from cmma_cli.evaluate.report import print_summary, render_markdown
-from cmma_cli.workspace import (MANIFEST, Workspace, begin_stage, is_up_to_date, write_json,
-                                write_manifest)
+from cmma_cli.workspace import Workspace, begin_stage, is_up_to_date, write_json, write_manifest
 
 STAGE = "evaluate"
 SECTIONS = ("probes", "retrieval", "synthesis", "latent", "baselines", "explain")
@@ -46,28 +45,9 @@ def check_config(cfg: EvaluateConfig) -> None:
                         "or none.")
     if cfg.interpolation_steps < 2:
         raise CMMAError(f"--interpolation-steps must be at least 2, not {cfg.interpolation_steps}.")
-    if cfg.explain_examples < 0 or cfg.xrd_region <= 0:
-        raise CMMAError("--explain-examples must be 0 or more and --xrd-region a positive width in degrees.")
-
-
-def embedded_runs(ws: Workspace) -> list[str]:
-    """Runs with finished embeddings, oldest first."""
-    found = [p for p in (ws.root / "embeddings").glob("*/") if (p / MANIFEST).is_file()]
-    return [p.name for p in sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime)]
-
-
-def resolve_run(ws: Workspace, run: str | None) -> str:
-    """``run``, or the newest run with embeddings; one sentence when there is none."""
-    runs = embedded_runs(ws)
-    if run is None:
-        if not runs:
-            raise CMMAError(f"There are no embeddings in {ws.root / 'embeddings'} to evaluate: run `cmma embed` first.")
-        return runs[-1]
-    if run not in runs:
-        known = ", ".join(runs) or "none yet"
-        raise CMMAError(f"Run {run!r} has no embeddings in {ws.root / 'embeddings'} (embedded runs: {known}): "
-                        f"run `cmma embed --run {run}` first.")
-    return run
+    if cfg.explain_examples < 0:
+        raise CMMAError(f"--explain-examples must be 0 or more, not {cfg.explain_examples}.")
+    validate(cfg)  # the choices and checks of every setting, the modalities' sections included
 
 
 def run_info(ws: Workspace, data: EvalData, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -77,9 +57,9 @@ def run_info(ws: Workspace, data: EvalData, cfg: EvaluateConfig) -> dict[str, An
     for split in ("train", "val", "test"):
         ids = set(data.split_ids(split))
         splits[split] = {"materials": len(ids), **{m: int(sum(i in ids for i in data.tables[m].ids)) for m in data.modalities}}
-    default = as_dict(EvaluateConfig())
+    default = flat_dict(EvaluateConfig())
     command = ["cmma", "evaluate", "-w", str(ws.root), "--run", data.run]
-    for key, value in as_dict(cfg).items():  # every option that differs from its default
+    for key, value in flat_dict(cfg).items():  # every option that differs from its default
         if key != "run" and value != default[key] and value is not None:
             command += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return {"run": data.run, "checkpoint": ckpt.get("path"), "epoch": ckpt.get("epoch"), "dim": data.manifest.get("dim"),

@@ -244,25 +244,23 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def describe_pair(pair: dict[str, Any], markdown: bool = True) -> list[str]:
+    """Each side's attribution of an explained pair record in its modality's words (markdown paragraphs, or
+    terminal lines); the pair is ``<anchor>-<other>``."""
+    from cmma_cli.modalities import get_modality
+
+    anchor = pair["pair"][: -len(pair["other"]) - 1]
+    return [line for m in (anchor, pair["other"]) for line in get_modality(m).attribution_text(pair, markdown)]
+
+
 def render_explanation(ex: dict[str, Any], figure_prefix: str = "figures/") -> list[str]:
-    """Markdown lines for one material's attribution (atoms, tokens, XRD regions)."""
+    """Markdown lines for one material's attribution: each pair's similarity, each side's attribution in the
+    words of its modality (:meth:`~cmma_cli.modalities.base.Modality.attribution_text`), its figure."""
     out = [f"### {ex['material_id']} ({ex['formula']})", ""]
     for pair in ex["pairs"]:
         out.append(f"**{pair['pair']}**: cosine similarity {pair['similarity']:.3f}.")
         out.append("")
-        if "atoms" in pair:
-            out.append("Per-element mean atom contribution (each atom's node embedding, projected into the shared "
-                       f"space, dotted with the {pair['other']} embedding): "
-                       + ", ".join(f"{e} {v:+.3f}" for e, v in pair["elements"].items()) + ".")
-            out.append("")
-        if "tokens" in pair:
-            out.append("Words with the largest gradient x input attribution: "
-                       + ", ".join(f"`{t['token']}` {t['score']:+.3f}" for t in pair["top_tokens"]) + ".")
-            out.append("")
-        if "regions" in pair:
-            out.append("2θ regions with the largest gradient x input attribution: "
-                       + ", ".join(f"{r['start']:.0f}-{r['end']:.0f}° {r['score']:+.3f}" for r in pair["top_regions"]) + ".")
-            out.append("")
+        out += describe_pair(pair)
         if pair.get("figure"):
             out += [f"![{pair['figure']}]({figure_prefix}{pair['figure']})", ""]
     return out

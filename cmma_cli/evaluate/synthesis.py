@@ -1,11 +1,13 @@
 """Synthesis match / feasibility: does a recipe sit near the material it makes in the shared space?
 
 Every recipe linked to a test material is scored against every test material by the cosine
-similarity of the recipe's text embedding and the material's embedding of one modality (structure,
-XRD, ...; never ``text`` or ``unified``, which contain the recipe texts themselves). True pairs are
-the recipe's own links; they are ranked against (a) every mismatched pair ("random" negatives) and
-(b) the mismatched pairs whose material shares an element with the recipe's target ("hard"
-negatives: the chemistry is plausible, the compound is not). ROC AUC 0.5 is chance.
+similarity of the recipe's embedding (``synthesis.parquet``, written for the modality that declares that
+table among its :attr:`~cmma_cli.modalities.base.Modality.embed_tables`) and the material's embedding of
+one other modality (never that modality's own table or ``unified``, which contain the recipe texts
+themselves: see :func:`leaky_tables`). True pairs are the recipe's own links; they are ranked against
+(a) every mismatched pair ("random" negatives) and (b) the mismatched pairs whose material shares an
+element with the recipe's target ("hard" negatives: the chemistry is plausible, the compound is not).
+ROC AUC 0.5 is chance.
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ from typing import Any
 import numpy as np
 
 from cmma_cli.evaluate import metrics as M
-from cmma_cli.evaluate.data import EvalData
+from cmma_cli.evaluate.data import SYNTHESIS, UNIFIED, EvalData
 
-#: Embedding tables that must not score recipes: they are built from the recipe texts.
-LEAKY = {"text", "unified"}
+
+def recipe_modalities() -> list[str]:
+    """The registered modalities whose encoder embeds the synthesis recipes: those that declare the recipe
+    table (``synthesis``) among the embeddings tables ``cmma embed`` writes for them."""
+    from cmma_cli.modalities import REGISTRY
+
+    return [name for name, m in REGISTRY.items() if SYNTHESIS in m.embed_tables]
+
+
+def leaky_tables() -> set[str]:
+    """Embedding tables that must not score recipes: they are built from the recipe texts (the recipe
+    modalities' own tables, and ``unified``, which averages them in)."""
+    return {*recipe_modalities(), UNIFIED}
 
 
 def synthesis_match(data: EvalData, modality: str, split: str = "test", ks: tuple[int, ...] = (1, 5)) -> dict[str, Any] | None:
@@ -26,7 +39,7 @@ def synthesis_match(data: EvalData, modality: str, split: str = "test", ks: tupl
 
     None when ``split`` has no recipe linked to a material with that modality.
     """
-    if data.synthesis is None or modality in LEAKY or modality not in data.tables:
+    if data.synthesis is None or modality in leaky_tables() or modality not in data.tables:
         return None
     emb = data.tables[modality]
     have = set(emb.ids)
@@ -75,19 +88,23 @@ def _auc(sim: np.ndarray, true: np.ndarray, negatives: np.ndarray) -> float:
 
 
 def run_synthesis(data: EvalData, split: str = "test") -> dict[str, Any]:
-    """Synthesis-match scores for every non-text modality, or the reason there are none."""
-    if "text" not in data.tables:  # recipes are embedded by the run's text encoder
-        return {"by_modality": {}, "note": "the run has no text encoder to embed recipes with: train with text "
+    """Synthesis-match scores for every modality that does not embed the recipes, or the reason there are none."""
+    makers = recipe_modalities()
+    if not any(m in data.tables for m in makers):  # recipes are embedded by one of the run's encoders
+        names = " or ".join(makers) or "recipe"
+        return {"by_modality": {}, "note": f"the run has no {names} encoder to embed recipes with: train with {names} "
                                            "among --modalities to score synthesis match"}
     if data.synthesis is None or data.synthesis.empty:
         return {"by_modality": {}, "note": "no synthesis recipes are linked to these materials"}
     out: dict[str, Any] = {"by_modality": {}}
+    leaky = leaky_tables()
     for modality in data.modalities:
-        if modality in LEAKY:
+        if modality in leaky:
             continue
         scores = synthesis_match(data, modality, split)
         if scores is not None:
             out["by_modality"][modality] = scores
     if not out["by_modality"]:
-        out["note"] = f"no recipe is linked to a {split} material with a structure or pattern"
+        sides = [m for m in data.modalities if m not in leaky]
+        out["note"] = f"no recipe is linked to a {split} material with {' or '.join(sides) or 'another'} embeddings"
     return out

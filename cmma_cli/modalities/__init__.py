@@ -3,11 +3,16 @@
 Each one lives in its own module or package (``structure/``, ``text/``, ``xrd/``, ``image/``) as a
 :class:`~cmma_cli.modalities.base.Modality`: its processed columns and how preprocess computes them, its
 settings, its encoder, how a user's file becomes a query, and its attributions. Every other module asks
-this registry; adding a modality is one new module plus one line in :data:`REGISTRY` (or, from outside
-the package, one :func:`register` call).
+this registry; adding a modality is one new module plus one line in :data:`REGISTRY`.
+
+A modality can also live in another package: it is registered by one entry point in that package's
+``pyproject.toml`` (``[project.entry-points."cmma.modalities"]``, ``rdf = "mypackage.rdf:RDFModality"``),
+or by one :func:`register` call before the command line is built.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.base import Modality
@@ -24,6 +29,10 @@ REGISTRY: dict[str, Modality] = {m.name: m for m in (
     XRDModality(),
     ImageModality(),
 )}
+
+
+#: The entry-point group other packages publish modalities under.
+ENTRY_POINTS = "cmma.modalities"
 
 
 def register(modality: Modality) -> Modality:
@@ -56,3 +65,25 @@ def check_modalities(names: list[str]) -> list[str]:
         raise CMMAError(f"Training aligns modalities in pairs, so it needs at least two, not {names}: "
                         "e.g. --modalities structure,text,xrd.")
     return names
+
+
+def load_plugins(group: str = ENTRY_POINTS) -> list[str]:
+    """Register every modality published under the entry-point ``group``; returns their names.
+
+    A plug-in that fails to load is skipped with a warning, so one broken package never stops cmma.
+    """
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for entry in entry_points(group=group):
+        try:
+            modality = register(entry.load()())
+        except Exception as exc:  # a third-party package: any failure is its own
+            warnings.warn(f"cmma: the modality plug-in {entry.name!r} ({entry.value}) could not be loaded "
+                          f"({type(exc).__name__}: {exc}); it is skipped.", stacklevel=2)
+            continue
+        loaded.append(modality.name)
+    return loaded
+
+
+load_plugins()

@@ -8,7 +8,9 @@ A batch is a plain dict (so ``pin_memory`` and ``.to(device)`` walk it)::
      "targets": (B, P) float32 standardised properties, NaN where unknown (only for a MaterialSet made with
                 ``predict``, the model spec's property list and train-split mean and std)}
 
-A modality that no sample of the batch has is left out of ``inputs``. The order of batches and
+A modality that no sample of the batch has is left out of ``inputs``. A modality whose deterministic
+view of a material is several items (a material's several synthesis texts) adds ``inputs[m]["items"]``, the
+row of each item; the model pools them per row after its projection head (:func:`pool_items`). The order of batches and
 everything random inside one (text sampling, modality dropout) is seeded by (seed, epoch, step, rank):
 a resumed run sees exactly the batches an uninterrupted one would.
 """
@@ -24,6 +26,28 @@ import torch
 
 from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.base import Context, Prepared
+
+
+#: The key of a modality's collated inputs that maps each item to its row (several items per row).
+ITEMS = "items"
+
+
+def encoder_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A modality's collated inputs as its encoder takes them (without :data:`ITEMS`)."""
+    return {k: v for k, v in inputs.items() if k != ITEMS} if ITEMS in inputs else inputs
+
+
+def pool_items(x: torch.Tensor, inputs: dict[str, torch.Tensor], normalise: bool = False) -> torch.Tensor:
+    """``x`` (one row per item) pooled into one row per material where the inputs have :data:`ITEMS`: the
+    normalised sum of unit vectors (``normalise``: the direction of their mean), else the mean."""
+    items = inputs.get(ITEMS)
+    if items is None:
+        return x
+    rows = int(items[-1]) + 1  # items are grouped by row, every row has one or more
+    total = x.new_zeros(rows, x.shape[1]).index_add_(0, items, x)
+    if normalise:
+        return torch.nn.functional.normalize(total, dim=-1)
+    return total / torch.bincount(items, minlength=rows).clamp_min(1).to(x.dtype)[:, None]
 
 
 class MaterialSet:

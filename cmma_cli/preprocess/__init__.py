@@ -4,14 +4,10 @@
 
 - identity and properties, copied from ``raw/materials.parquet``: ``material_id``, ``formula``,
   ``elements``, ``nsites``, ``source`` and every property column (known and extra);
-- structure (:mod:`~cmma_cli.preprocess.graphs`): ``atomic_numbers`` list<int16>, ``edge_src`` /
-  ``edge_dst`` list<int32>, ``edge_dist`` list<float32> (Angstrom), ``edge_vec`` list<float32> (E x 3
-  cartesian vectors ``r_dst + image - r_src``, flattened);
-- text (:mod:`~cmma_cli.preprocess.text`): ``description`` str, ``synthesis_texts`` list<str> (one
-  clean procedure per linked recipe) and ``recipe_ids`` list<str> in the same order;
-- XRD (:mod:`~cmma_cli.preprocess.spectra`): ``xrd`` list<float32> of the grid's length (the manifest's
-  ``xrd_grid``), ``xrd_source`` (``computed`` | ``measured``);
-- image: ``image_path`` (absolute path of a user's image file).
+- then each registered modality's columns (:attr:`cmma_cli.modalities.base.Modality.fields`), computed
+  by its ``featurize`` from the structure and from what its ``gather`` read (recipe texts, descriptions,
+  a user's folder of measured patterns or images). The modules under :mod:`cmma_cli.modalities` document
+  their columns.
 
 ``<ws>/processed/splits.parquet``: ``material_id``, ``split`` (train | val | test), ``group``
 (:mod:`~cmma_cli.preprocess.splits`). ``<ws>/processed/rejects.parquet``: ``source``, ``item``,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmma_cli.modalities.base import Item, Modality
+from cmma_cli.sources.schema import STRUCTURE_COLUMN
 
 
 class StructureUnusable(ValueError):
@@ -58,7 +59,7 @@ def featurize(material_id: str, structure_json: Any, linked: dict[str, Any], cfg
         if cfg.max_sites is not None and len(structure) > cfg.max_sites:
             raise StructureUnusable(f"{len(structure)} sites, more than the cap of {cfg.max_sites}")
     except StructureUnusable as exc:
-        rejects.append(("structure", material_id, str(exc)))
+        rejects.append((STRUCTURE_COLUMN, material_id, str(exc)))
         structure = None
     item = Item(material_id, structure, linked, rejects)
     values: dict[str, Any] = {}

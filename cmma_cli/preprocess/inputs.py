@@ -1,9 +1,6 @@
-"""User-supplied measured data: folders of files named ``<material_id>.<suffix>``.
-
-Measured XRD patterns are two-column text files (``.xy``, ``.xye``, ``.txt``, ``.csv``, ``.dat``);
-images (micrographs, detector images) are ``.png``, ``.jpg``/``.jpeg`` or ``.tif``/``.tiff``. Only the
-folder's top level is read. A file whose name matches no material, a second file for the same
-material, a file of another type or an image that does not open becomes a reject, never an error.
+"""User-supplied data: folders of files named ``<material_id>.<suffix>`` (a modality names the suffixes it
+reads, e.g. measured patterns or images). Only the folder's top level is read. A file whose name matches
+no material, a second file for the same material or a file of another type becomes a reject, never an error.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """``cmma preprocess``: ``raw/`` -> ``processed/materials.parquet``, ``splits.parquet``, ``rejects.parquet``.
 
-The stage itself: check the options and the input, skip when up to date, gather the small inputs
-(recipe texts, descriptions, user folders) in this process, stream the structures through
+The stage itself: check the options and the input, skip when up to date, let each modality gather what
+it links to the materials (recipe texts, descriptions, user folders) in this process, stream the structures through
 :mod:`~cmma_cli.preprocess.stream`, then write splits, rejects, the manifest and a summary. See
 :mod:`cmma_cli.preprocess` for the output schema.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -26,9 +25,10 @@ from cmma_cli.modalities import REGISTRY
 from cmma_cli.modalities.base import GatherContext
 from cmma_cli.preprocess.inputs import folder_fingerprint
 from cmma_cli.preprocess.splits import SPLITS, assign_splits
-from cmma_cli.preprocess.stream import ParquetStream, Tally, featurized_chunks, modality_fields, modality_table, raw_chunks, worker_pool
-from cmma_cli.sources.schema import MATERIAL_COLUMNS, REJECT_COLUMNS
+from cmma_cli.preprocess.stream import Tally, featurized_chunks, modality_fields, modality_table, raw_chunks, worker_pool
+from cmma_cli.sources.schema import MATERIAL_COLUMNS, REJECT_COLUMNS, STRUCTURE_COLUMN
 from cmma_cli.workspace import (
+    ParquetStream,
     Workspace,
     begin_stage,
     is_up_to_date,
@@ -128,7 +128,7 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
     with console.status("Reading what each modality links to the materials (texts, user folders)..."):
         linked = {m.name: m.gather(getattr(cfg, m.name, None), gather) for m in modalities}
 
-    base_schema = raw_file.schema_arrow.remove(raw_file.schema_arrow.get_field_index("structure"))
+    base_schema = raw_file.schema_arrow.remove(raw_file.schema_arrow.get_field_index(STRUCTURE_COLUMN))
     schema = pa.schema(list(base_schema) + modality_fields(modalities))
     properties = [name for name in base_schema.names if name not in MATERIAL_COLUMNS]
     tally = Tally(modalities)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cmma_cli.modalities.base import Modality, column_array
 from cmma_cli.preprocess.featurize import Featurized, featurize, featurize_chunk, init_worker
+from cmma_cli.sources.schema import STRUCTURE_COLUMN
 
 # ---------------------------------------------------------------------------------------- columns
 
@@ -75,7 +75,7 @@ class Tally:
 def raw_chunks(
     path: Path, chunk_size: int, linked: dict[str, dict[str, Any]], rejects: list[dict]
 ) -> Iterator[tuple[pa.Table, list[tuple[str, Any, dict[str, Any]]]]]:
-    """(raw columns without ``structure``, featurize items) per chunk; repeated ids are dropped.
+    """(raw columns without the structure, featurize items) per chunk; repeated ids are dropped.
 
     No read-ahead (``pre_buffer``, threads): reading is never the bottleneck, and read-ahead would hold
     several row groups of structure JSON in memory at once.
@@ -98,10 +98,10 @@ def raw_chunks(
         if not all(keep):
             table = table.filter(pa.array(keep))
             ids = [m for m, k in zip(ids, keep) if k]
-        structures = table.column("structure").to_pylist()
+        structures = table.column(STRUCTURE_COLUMN).to_pylist()
         items = [(mid, s, {m: found[mid] for m, found in linked.items() if mid in found})
                  for mid, s in zip(ids, structures)]
-        yield table.drop_columns(["structure"]), items
+        yield table.drop_columns([STRUCTURE_COLUMN]), items
 
 
 @contextmanager
@@ -158,23 +158,3 @@ def featurized_chunks(chunks, cfg: Any, modalities: list[Modality], pool, worker
             yield collect()
     while pending:
         yield collect()
-
-
-class ParquetStream:
-    """One Parquet file written row group by row group, under a temporary name until :meth:`close`."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.writer = pq.ParquetWriter(self.tmp, schema)
-
-    def write(self, table: pa.Table) -> None:
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        self.writer.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.writer.close()
-        self.tmp.unlink(missing_ok=True)

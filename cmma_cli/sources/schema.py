@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+#: The raw column holding each material's structure (pymatgen JSON); also the reject source of one that cannot be read.
+STRUCTURE_COLUMN = "structure"
 #: Identity and structure columns, in order.
-MATERIAL_COLUMNS = ["material_id", "formula", "elements", "nsites", "structure", "source"]
+MATERIAL_COLUMNS = ["material_id", "formula", "elements", "nsites", STRUCTURE_COLUMN, "source"]
 
 #: Properties later stages know by name, with their pandas dtypes. Units: eV/atom for energies,
 #: eV for the band gap, g/cm^3 for density, GPa for moduli.

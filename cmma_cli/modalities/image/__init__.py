@@ -9,7 +9,7 @@ Checkpoints hold the trained weights, so rebuilding the model never downloads an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared
+from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, UserInputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,3 +148,37 @@ class ImageModality(Modality):
 
     def loading_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         return {**spec, "pretrained": False}  # the checkpoint holds the weights: never download them
+
+    # ---- embed and retrieve
+
+    query_option = "image"
+    query_help = "Query with an image (runs trained with images)."
+    query_example = "--image FILE.png"
+    input_help = f"images ({', '.join(IMAGE_SUFFIXES)})"
+
+    def claim_input(self, path) -> int:
+        from cmma_cli.modalities.user_files import suffix
+
+        return 2 if suffix(path) in IMAGE_SUFFIXES else 0
+
+    def read_inputs(self, paths, cfg) -> UserInputs:
+        """Image files (id = the file stem) that open; the others are rejects."""
+        out = UserInputs()
+        images = []
+        for path in map(Path, paths):
+            problem = image_problem(path) if path.is_file() else "no such file"
+            if problem:
+                out.rejects.append({"source": self.name, "item": str(path), "reason": problem})
+                continue
+            out.ids.append(path.stem)
+            images.append(str(path.resolve()))
+            out.materials.append({"material_id": path.stem, "kind": self.name, "file": str(path)})
+        out.values = {"image_path": images}
+        return out
+
+    def read_query(self, value, cfg) -> UserInputs:
+        path = Path(value)
+        got = self.read_inputs([path], cfg)
+        if not got.ids:
+            raise CMMAError(f"Could not open the image {path} ({got.rejects[0]['reason']}): pass a PNG, JPEG or TIFF file.")
+        return got

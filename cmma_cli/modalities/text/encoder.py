@@ -140,3 +140,57 @@ class TextEncoder(nn.Module):
                for i in range(0, len(texts), batch_size)]
         model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.out_dim)
+
+
+# ---- embed and retrieve
+
+
+@torch.no_grad()
+def embed_texts(encoder, texts: list[str]) -> np.ndarray:
+    """Shared-space vectors ``(len(texts), d)``, L2-normalised, of already clean ``texts`` through the run of
+    ``encoder`` (a :class:`cmma_cli.encode.Encoder`).
+
+    With a frozen sentence model and a workspace cache, the sentence vectors come from (and go to) the cache
+    training filled, so ``cmma embed`` recomputes nothing; otherwise (a query, a fine-tuned model) the run's
+    own sentence model encodes them.
+    """
+    from cmma_cli.modalities.text import TextModality
+
+    name = TextModality.name
+    if not texts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    module = encoder.model.encoders[name]
+    if module.frozen and encoder.ctx.cache_dir is not None:
+        raw = torch.from_numpy(cached_embeddings(texts, encoder.spec["encoders"][name], encoder.ctx))
+    else:
+        raw = module.encode(texts)
+    step = encoder.batch_size
+    out = [encoder.model.embed(name, {"embedding": raw[i : i + step].to(encoder.device)}).float().cpu()
+           for i in range(0, len(texts), step)]
+    return torch.cat(out).numpy()
+
+
+def material_vectors(encoder, table, sources) -> tuple[list[int], list[str], np.ndarray, list[tuple[str, int]], np.ndarray]:
+    """One text vector per row of ``table`` that has a text (processed text columns), and one per recipe link.
+
+    Returns ``(rows, their text source, their vectors, (recipe_id, row) of every recipe link, the links'
+    vectors)``. A row's vector is the model's embedding of the texts :func:`~cmma_cli.modalities.text.chosen_texts`
+    picks (its description when ``sources`` has descriptions, else its synthesis texts, pooled), computed by
+    :meth:`cmma_cli.encode.Encoder.embed_table` exactly as validation and evaluation compute it. Every recipe
+    link gets a vector whatever ``sources``: the text encoder reads any procedure.
+    """
+    from cmma_cli.modalities.text import TextModality, chosen_texts
+
+    n = table.num_rows
+    descriptions = table.column("description").to_pylist()
+    synthesis = table.column("synthesis_texts").to_pylist()
+    recipes = table.column("recipe_ids").to_pylist() if "recipe_ids" in table.column_names else [None] * n
+    spec = {**encoder.spec["encoders"][TextModality.name], "sources": list(sources)}
+    rows, vectors = encoder.embed_table(TextModality.name, table, spec=spec)
+    kinds = [chosen_texts(descriptions[r], synthesis[r], sources)[0] for r in rows]
+    links = [(str(r), row, t) for row, (rids, texts) in enumerate(zip(recipes, synthesis))
+             for r, t in zip(rids or [], texts or []) if isinstance(t, str) and t.strip()]
+    distinct = list(dict.fromkeys(t for _, _, t in links))
+    text_vectors = dict(zip(distinct, embed_texts(encoder, distinct)))
+    link_vectors = np.stack([text_vectors[t] for _, _, t in links]) if links else np.zeros((0, encoder.dim), np.float32)
+    return [int(r) for r in rows], kinds, vectors, [(r, row) for r, row, _ in links], link_vectors

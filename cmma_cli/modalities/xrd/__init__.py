@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, csr
+from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, UserInputs, csr
 
 #: Training augmentation: a zero-point shift of up to this many degrees 2-theta, and a smooth intensity
 #: modulation (log-normal, this standard deviation, at AUGMENT_KNOTS points) as texture and absorption cause.
@@ -29,6 +29,10 @@ AUGMENT_INTENSITY_SD = 0.15
 AUGMENT_KNOTS = 8
 #: Measured pattern files: two-column text (2-theta, intensity).
 PATTERN_SUFFIXES = (".xy", ".xye", ".txt", ".csv", ".dat")
+#: User files (``cmma embed --input``) that are patterns by their suffix, and those that are when they hold
+#: two numeric columns (else a text or a table).
+PATTERN_ONLY = (".xy", ".xye", ".dat")
+MAYBE_PATTERN = (".txt", ".md", ".csv", ".tsv")
 
 
 @dataclass
@@ -53,11 +57,16 @@ class XRDSettings:
     augment: bool = True  # shift (up to 0.15 deg) and modulate training patterns as measurements differ
 
 
+def _positive_region(width: float) -> None:
+    if not width > 0:
+        raise CMMAError(f"--xrd-region must be a positive width in degrees 2-theta, not {width}.")
+
+
 @dataclass
 class XRDEvaluate:
     """XRD attributions (``cmma evaluate``)."""
 
-    region: float = 5.0  # width (degrees 2-theta) of the XRD attribution regions
+    region: float = field(default=5.0, metadata={"check": _positive_region})  # width (degrees 2-theta) of the XRD attribution regions
 
 
 @dataclass
@@ -113,6 +122,7 @@ class XRDModality(Modality):
     name = "xrd"
     columns = ("xrd",)
     fields = (pa.field("xrd", pa.list_(pa.float32())), pa.field("xrd_source", pa.string()))
+    default = True
     train_config = XRDSettings
     preprocess_config = XRDPreprocess
     evaluate_config = XRDEvaluate
@@ -215,3 +225,79 @@ class XRDModality(Modality):
         from cmma_cli.modalities.xrd.encoder import PatternEncoder
 
         return PatternEncoder(spec["length"], spec["channels"], spec["out_dim"])
+
+    # ---- embed and retrieve
+
+    query_option = "pattern"
+    query_help = "Query with a measured XRD pattern (2-theta, intensity)."
+    query_example = "--pattern FILE.xy"
+    input_help = f"pattern files ({', '.join(PATTERN_ONLY)})"
+    from_structure = True  # a CIF's computed pattern goes through the XRD encoder
+
+    def claim_input(self, path) -> int:
+        """``.xy`` / ``.xye`` / ``.dat`` files, and ``.txt`` / ``.csv`` files holding two numeric columns."""
+        from cmma_cli.modalities.user_files import suffix
+        from cmma_cli.modalities.xrd.patterns import PatternRejected, read_two_columns
+
+        kind = suffix(path)
+        if kind in PATTERN_ONLY:
+            return 2
+        if kind in MAYBE_PATTERN:
+            try:
+                read_two_columns(path)
+                return 2
+            except (PatternRejected, OSError, UnicodeError):
+                return 0
+        return 0
+
+    def read_inputs(self, paths, cfg: XRDPreprocess) -> UserInputs:
+        """Measured patterns (id = the file stem) on the processed 2-theta grid, as ``--xrd-dir`` files are."""
+        from cmma_cli.modalities.xrd.patterns import PatternRejected, measured_pattern
+
+        grid = grid_of(cfg)
+        out = UserInputs()
+        patterns = []
+        for path in paths:
+            try:
+                patterns.append(measured_pattern(Path(path), grid))
+            except (PatternRejected, OSError, UnicodeError) as exc:
+                out.rejects.append({"source": "measured_xrd", "item": str(path), "reason": str(exc)})
+                continue
+            out.ids.append(Path(path).stem)
+            out.materials.append({"material_id": Path(path).stem, "kind": "pattern", "file": str(path)})
+        out.values = {"xrd": patterns, "xrd_source": ["measured"] * len(patterns)}
+        return out
+
+    def link_inputs(self, paths, material_ids: set[str]) -> dict[str, tuple[Path, Any]]:
+        """A pattern named like a structure file (``a.cif`` + ``a.xy``) is that structure's measured pattern,
+        replacing the computed one, as with ``--xrd-dir``."""
+        return {Path(p).stem: (Path(p), str(p)) for p in paths if Path(p).stem in material_ids}
+
+    def read_query(self, value, cfg: XRDPreprocess) -> UserInputs:
+        path = Path(value)
+        if not path.is_file():
+            raise CMMAError(f"The pattern file {path} does not exist: check the path given to --{self.query_option}.")
+        got = self.read_inputs([path], cfg)
+        if not got.ids:
+            raise CMMAError(f"Could not read the XRD pattern {path} ({got.rejects[0]['reason']}): give a text file "
+                            "with two numeric columns, 2-theta and intensity.")
+        return got
+
+    # ---- evaluate
+
+    attribution = "2θ regions"
+
+    def attribute(self, encoder, head, inputs, other, ctx):
+        """Gradient x input of the intensities, summed over 2θ regions ``cfg.xrd.region`` degrees wide."""
+        from cmma_cli.modalities.xrd.explain import attribute
+
+        return attribute(encoder, head, inputs, other, ctx)
+
+    def attribution_text(self, pair: dict[str, Any], markdown: bool = True) -> list[str]:
+        if "top_regions" not in pair:
+            return []
+        regions = [(r["start"], r["end"], r["score"]) for r in pair["top_regions"]]
+        if not markdown:
+            return ["  2θ regions: " + ", ".join(f"{a:.0f}-{b:.0f}° {v:+.3f}" for a, b, v in regions)]
+        return ["2θ regions with the largest gradient x input attribution: "
+                + ", ".join(f"{a:.0f}-{b:.0f}° {v:+.3f}" for a, b, v in regions) + ".", ""]
