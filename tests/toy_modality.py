@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, UserInputs, csr
+from cmma_cli.modalities.base import Context, Item, Modality, Prepared, UserInputs
+from cmma_cli.modalities.columns import csr
 
 SUFFIXES = (".rdf",)
 
@@ -61,26 +62,11 @@ class RDFModality(Modality):
     fields = (pa.field("rdf", pa.list_(pa.float32())),)
     train_config = RDFSettings
     preprocess_config = RDFPreprocess
+    folder_setting, folder_suffixes = "dir", SUFFIXES  # --rdf-dir: gather() gives featurize() each material's file
     query_option = "rdf"
     query_help = "Query with a radial distribution function file (r, g(r))."
     query_example = "--rdf FILE.rdf"
     input_help = "radial distribution functions (.rdf)"
-
-    def check(self, cfg: RDFPreprocess) -> None:
-        if cfg.dir and not Path(cfg.dir).is_dir():
-            raise CMMAError(f"The folder {cfg.dir} given to --rdf-dir does not exist: pass a folder of .rdf files.")
-
-    def folders(self, cfg: RDFPreprocess) -> dict[str, str | None]:
-        return {"dir": cfg.dir}
-
-    def gather(self, cfg: RDFPreprocess, ctx: GatherContext) -> dict[str, Any]:
-        if not cfg.dir:
-            return {}
-        from cmma_cli.preprocess.inputs import scan_keyed_folder
-
-        found, bad = scan_keyed_folder(Path(cfg.dir), SUFFIXES, ctx.material_ids, self.name, "--rdf-dir")
-        ctx.rejects.extend(bad)
-        return {mid: str(path) for mid, path in found.items()}
 
     def featurize(self, item: Item, cfg: RDFPreprocess) -> dict[str, Any]:
         path = item.linked.get(self.name)

@@ -22,20 +22,13 @@ from cmma_cli.evaluate.report import print_summary, render_markdown
 from cmma_cli.workspace import Workspace, begin_stage, is_up_to_date, write_json, write_manifest
 
 STAGE = "evaluate"
-SECTIONS = ("probes", "retrieval", "synthesis", "latent", "baselines", "explain")
-MAPS = ("umap", "tsne")
 
 
 def check_config(cfg: EvaluateConfig) -> None:
     """One sentence per bad option."""
-    unknown = [s for s in cfg.sections if s not in SECTIONS]
-    if unknown or not cfg.sections:
-        raise CMMAError(f"--sections must name some of {', '.join(SECTIONS)}, not {','.join(cfg.sections) or 'nothing'}.")
+    validate(cfg)  # the choices and checks of every setting (sections, maps), the modalities' sections included
     if not cfg.ks or any(k < 1 for k in cfg.ks):
         raise CMMAError(f"--ks must be positive numbers of results, e.g. 1,5,10, not {cfg.ks}.")
-    bad_maps = [m for m in cfg.maps if m not in MAPS]
-    if bad_maps:
-        raise CMMAError(f"--maps must name some of {', '.join(MAPS)}, not {','.join(cfg.maps)}.")
     for name in ("min_train", "min_test", "purity_k", "probe_hidden", "baseline_epochs", "baseline_batch_size"):
         if getattr(cfg, name) < 1:
             raise CMMAError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}.")
@@ -47,7 +40,6 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise CMMAError(f"--interpolation-steps must be at least 2, not {cfg.interpolation_steps}.")
     if cfg.explain_examples < 0:
         raise CMMAError(f"--explain-examples must be 0 or more, not {cfg.explain_examples}.")
-    validate(cfg)  # the choices and checks of every setting, the modalities' sections included
 
 
 def run_info(ws: Workspace, data: EvalData, cfg: EvaluateConfig) -> dict[str, Any]:

@@ -55,12 +55,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.columns import column_array
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -182,12 +185,43 @@ class Modality(ABC):
 
     # ------------------------------------------------------------------------------------ preprocess
 
+    #: A user folder of ``<material_id>.<suffix>`` files it reads in preprocess (measured patterns, images):
+    #: the preprocess setting that names the folder (None: no folder), the suffixes, and the reject source.
+    folder_setting: str | None = None
+    folder_suffixes: tuple[str, ...] = ()
+    folder_source: str = ""
+
     def check(self, cfg: Any) -> None:
-        """Refuse bad preprocess settings (``cfg`` is this modality's section) with one sentence each."""
+        """Refuse bad preprocess settings (``cfg`` is this modality's section) with one sentence each; by
+        default, a user folder that does not exist."""
+        folder = self.folders(cfg).get(self.folder_setting or "")
+        if folder and not Path(folder).expanduser().is_dir():
+            raise CMMAError(f"The folder {folder} given to {self.folder_flag()} does not exist: pass a folder of "
+                            "<material_id> files.")
+
+    def folder_flag(self) -> str:
+        """The command-line flag of its folder setting (``--xrd-dir``)."""
+        from cmma_cli.config import flat_name
+
+        f = next(f for f in dataclass_fields(self.preprocess_config) if f.name == self.folder_setting)
+        return "--" + flat_name(self.name, f).replace("_", "-")
+
+    def folder_files(self, cfg: Any, ctx: GatherContext) -> dict[str, Path]:
+        """``{material_id: file}`` in its user folder (files named like no material, or of another type, are rejects)."""
+        folder = self.folders(cfg).get(self.folder_setting or "")
+        if not folder:
+            return {}
+        from cmma_cli.preprocess.inputs import scan_keyed_folder
+
+        found, bad = scan_keyed_folder(Path(folder).expanduser().resolve(), self.folder_suffixes, ctx.material_ids,
+                                       self.folder_source or self.name, self.folder_flag())
+        ctx.rejects.extend(bad)
+        return found
 
     def gather(self, cfg: Any, ctx: GatherContext) -> dict[str, Any]:
-        """``{material_id: value}`` that :meth:`featurize` needs, read once from ``raw/`` or a user folder."""
-        return {}
+        """``{material_id: value}`` that :meth:`featurize` needs, read once from ``raw/`` or a user folder;
+        by default the paths of its user folder's files."""
+        return {mid: str(path) for mid, path in self.folder_files(cfg, ctx).items()}
 
     def featurize(self, item: Item, cfg: Any) -> dict[str, Any]:
         """This modality's processed columns of one material (``{column: value or None}``)."""
@@ -211,7 +245,7 @@ class Modality(ABC):
 
     def folders(self, cfg: Any) -> dict[str, str | None]:
         """User folders among the preprocess settings (``{setting: path}``): fingerprinted, so a changed folder reruns."""
-        return {}
+        return {self.folder_setting: getattr(cfg, self.folder_setting)} if self.folder_setting else {}
 
     # ----------------------------------------------------------------------------------------- train
 
@@ -336,52 +370,3 @@ class Modality(ABC):
         """Its side of an explained ``pair`` record (the fields :meth:`attribute` added) in words: markdown
         paragraphs for the report, else indented terminal lines."""
         return []
-
-
-# ------------------------------------------------------------------------------------ arrow helpers
-
-
-def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-
-def csr(column: pa.ChunkedArray | pa.Array, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A list column as (flat values, offsets of length rows + 1, valid mask); null rows are empty."""
-    arr = _combined(column)
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.zeros(len(arr) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return values, offsets, valid
-
-
-def ragged_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in the flat values of the given rows' items, concatenated, and each row's item count."""
-    starts = offsets[rows]
-    counts = offsets[rows + 1] - starts
-    total = int(counts.sum())
-    shift = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-    return np.arange(total, dtype=np.int64) + shift, counts
-
-
-def list_array(values: list[np.ndarray | None], value_type: pa.DataType) -> pa.Array:
-    """A list column from per-row numpy arrays, ``None`` rows null (built without a Python loop over values)."""
-    lengths = np.array([0 if v is None else len(v) for v in values], dtype=np.int64)
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    present = [v for v in values if v is not None]
-    flat = np.concatenate(present) if present else np.zeros(0)
-    mask = pa.array([v is None for v in values], type=pa.bool_())
-    return pa.ListArray.from_arrays(
-        pa.array(offsets), pa.array(flat.astype(value_type.to_pandas_dtype(), copy=False), type=value_type), mask=mask
-    )
-
-
-def column_array(values: list[Any], field_: pa.Field) -> pa.Array:
-    """Per-row values as the Arrow column ``field_`` describes (numpy arrays for numeric lists, else Python values)."""
-    kind = field_.type
-    if pa.types.is_list(kind) and (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
-        if all(v is None or isinstance(v, np.ndarray) for v in values):
-            return list_array(values, kind.value_type)
-    return pa.array(values, type=kind)

@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from cmma_cli.modalities.base import Modality, column_array
+from cmma_cli.modalities.base import Modality
+from cmma_cli.modalities.columns import column_array
 from cmma_cli.preprocess.featurize import Featurized, featurize, featurize_chunk, init_worker
 from cmma_cli.sources.schema import STRUCTURE_COLUMN
 

@@ -81,27 +81,14 @@ class ImageModality(Modality):
     fields = (pa.field("image_path", pa.string()),)
     train_config = ImageSettings
     preprocess_config = ImagePreprocess
+    folder_setting, folder_suffixes = "dir", IMAGE_SUFFIXES  # --image-dir
 
     # ------------------------------------------------------------------------------------ preprocess
 
-    def check(self, cfg: ImagePreprocess) -> None:
-        if cfg.dir and not Path(cfg.dir).expanduser().is_dir():
-            raise CMMAError(f"The folder {cfg.dir} given to --image-dir does not exist: pass a folder of <material_id> files.")
-
-    def folders(self, cfg: ImagePreprocess) -> dict[str, str | None]:
-        return {"dir": cfg.dir}
-
     def gather(self, cfg: ImagePreprocess, ctx: GatherContext) -> dict[str, Any]:
         """``{material_id: image file}`` from ``--image-dir``; files that do not open are rejects."""
-        if not cfg.dir:
-            return {}
-        from cmma_cli.preprocess.inputs import scan_keyed_folder
-
-        found, bad = scan_keyed_folder(Path(cfg.dir).expanduser().resolve(), IMAGE_SUFFIXES, ctx.material_ids,
-                                       "image", "--image-dir")
-        ctx.rejects.extend(bad)
         images = {}
-        for mid, path in found.items():
+        for mid, path in self.folder_files(cfg, ctx).items():
             problem = image_problem(path)
             if problem:
                 ctx.rejects.append({"source": "image", "item": str(path), "reason": problem})

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, Item, Modality, Prepared, UserInputs, csr, ragged_index
+from cmma_cli.modalities.base import Context, Item, Modality, Prepared, UserInputs
+from cmma_cli.modalities.columns import csr, ragged_index
 from cmma_cli.modalities.structure import encoders
 
 POOLINGS = ("mean", "sum")

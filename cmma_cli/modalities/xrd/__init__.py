@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmma_cli.errors import CMMAError
-from cmma_cli.modalities.base import Context, GatherContext, Item, Modality, Prepared, UserInputs, csr
+from cmma_cli.modalities.base import Context, Item, Modality, Prepared, UserInputs
+from cmma_cli.modalities.columns import csr
 
 #: Training augmentation: a zero-point shift of up to this many degrees 2-theta, and a smooth intensity
 #: modulation (log-normal, this standard deviation, at AUGMENT_KNOTS points) as texture and absorption cause.
@@ -126,6 +127,7 @@ class XRDModality(Modality):
     train_config = XRDSettings
     preprocess_config = XRDPreprocess
     evaluate_config = XRDEvaluate
+    folder_setting, folder_suffixes, folder_source = "dir", PATTERN_SUFFIXES, "measured_xrd"  # --xrd-dir
     derived_keys = frozenset({"augment", "max_shift"})
 
     # ------------------------------------------------------------------------------------ preprocess
@@ -135,29 +137,14 @@ class XRDModality(Modality):
 
         if cfg.wavelength not in WAVELENGTHS:
             raise CMMAError(f"--wavelength {cfg.wavelength!r} is not known: use one of {', '.join(sorted(WAVELENGTHS))}.")
-        if cfg.dir and not Path(cfg.dir).expanduser().is_dir():
-            raise CMMAError(f"The folder {cfg.dir} given to --xrd-dir does not exist: pass a folder of <material_id> files.")
+        super().check(cfg)
         try:
             grid_of(cfg)
         except ValueError as exc:
             raise CMMAError(f"The XRD grid options are inconsistent: {exc}.") from None
 
-    def folders(self, cfg: XRDPreprocess) -> dict[str, str | None]:
-        return {"dir": cfg.dir}
-
     def facts(self, cfg: XRDPreprocess) -> dict[str, Any]:
         return {"xrd_grid": grid_of(cfg).describe()}
-
-    def gather(self, cfg: XRDPreprocess, ctx: GatherContext) -> dict[str, Any]:
-        """``{material_id: measured pattern file}`` from ``--xrd-dir``."""
-        if not cfg.dir:
-            return {}
-        from cmma_cli.preprocess.inputs import scan_keyed_folder
-
-        found, bad = scan_keyed_folder(Path(cfg.dir).expanduser().resolve(), PATTERN_SUFFIXES, ctx.material_ids,
-                                       "measured_xrd", "--xrd-dir")
-        ctx.rejects.extend(bad)
-        return {mid: str(path) for mid, path in found.items()}
 
     def featurize(self, item: Item, cfg: XRDPreprocess) -> dict[str, Any]:
         """The measured pattern where one was given and reads, else the one computed from the structure."""
