@@ -161,7 +161,8 @@ def _default_name(paths: list[str | Path], root: Path) -> str:
 def embed_inputs(ws: Workspace, cfg: EmbedConfig, paths: list[str | Path], out: Path | None = None,
                  name: str | None = None) -> dict[str, Any]:
     """Embed the user's ``paths`` with a trained run (no retraining); returns the manifest of the output folder."""
-    from cmma_cli.embed import UNIFIED, check_config, clear_stage, resolve_checkpoint, unify, write_embeddings
+    from cmma_cli.embed import check_config, resolve_checkpoint
+    from cmma_cli.embeddings import UNIFIED, clear_stage, unify, write_embeddings
     from cmma_cli.encode import Encoder
 
     check_config(cfg)

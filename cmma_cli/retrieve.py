@@ -40,7 +40,7 @@ UNIFIED = "unified"
 
 def targets() -> tuple[str, ...]:
     """The tables a query can be searched against: every table ``cmma embed`` may write."""
-    from cmma_cli.embed import tables
+    from cmma_cli.embeddings import tables
 
     return tables()
 
@@ -291,7 +291,7 @@ class Retriever:
     def vectors(self, name: str) -> tuple[pd.Index, np.ndarray]:
         """``(material ids, vectors)`` of table ``name``, for looking up a stored embedding."""
         if name not in self._vectors:
-            from cmma_cli.embed import read_vectors
+            from cmma_cli.embeddings import read_vectors
 
             table, vectors = read_vectors(self.dir / f"{name}.parquet", ["material_id"])
             self._vectors[name] = (pd.Index(table.column("material_id").to_pylist()), vectors)
@@ -318,7 +318,7 @@ class Retriever:
         """The run's encoders, from the very checkpoint that made these embeddings."""
         if self._encoder is None:
             started = time.perf_counter()
-            from cmma_cli.embed import file_digest
+            from cmma_cli.embeddings import file_digest
             from cmma_cli.encode import Encoder
 
             facts = self.manifest["checkpoint"]
@@ -388,7 +388,7 @@ class Retriever:
 
     def stored_vector(self, material_id: str, source: str) -> np.ndarray:
         """The stored ``source`` embedding of an embedded material."""
-        from cmma_cli.embed import extra_tables
+        from cmma_cli.embeddings import extra_tables
 
         per_material = [t for t in self.tables if t not in extra_tables()]
         if source not in self.tables:
@@ -485,7 +485,7 @@ def render(result: Result):
 
     title = (f"{result.query['kind']} -> {result.target} ({result.index_size} vectors, run {result.run})"
              + (f", filters {' '.join(result.filters)}" if result.filters else ""))
-    from cmma_cli.embed import extra_tables
+    from cmma_cli.embeddings import extra_tables
 
     row_key = extra_tables().get(result.target)  # a table whose rows are not materials (recipes): their id first
     table = Table(title=title, title_justify="left")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cmma_cli.config import EmbedConfig
-from cmma_cli.embed import TABLES, read_vectors, resolve_checkpoint, run_embed
+from cmma_cli.embed import resolve_checkpoint, run_embed
+from cmma_cli.embeddings import read_vectors, tables
 from cmma_cli.embed_inputs import embed_inputs
 from cmma_cli.errors import CMMAError
 from cmma_cli.index import brute_force, load_index
@@ -307,5 +308,5 @@ def test_unusable_inputs_get_one_sentence(embedded_sample, tmp_path):
 def test_the_tables_named_in_the_contract_are_the_ones_written(embedded_sample):
     out = embedded_sample.ws.embeddings_dir(embedded_sample.run)
     written = sorted(p.stem for p in out.glob("*.parquet"))
-    assert written == sorted(t for t in TABLES if t != "image")
+    assert written == sorted(t for t in tables() if t != "image")
     assert sorted(p.stem for p in out.glob("*.faiss")) == written

@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from cmma_cli.embeddings import UNIFIED
 from cmma_cli.errors import CMMAError
 from cmma_cli.properties import non_property, numeric_properties
 from cmma_cli.workspace import Workspace, read_table, require_stage
 
-#: The embedding table of every material's normalised mean over its modalities.
-UNIFIED = "unified"
 #: The embedding table of the synthesis recipes (one row per recipe link), made by a modality's encoder.
 SYNTHESIS = "synthesis"
 #: The embeddings folder of the workspace, whose finished runs can be evaluated.
