@@ -33,7 +33,7 @@ from cmma_cli.loss import MultiModalInfoNCE, parse_pairs
 from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import BatchDataset, MaterialSet, to_device
 from cmma_cli.model import build_model, model_spec
-from cmma_cli.train import _usable, param_groups, read_splits
+from cmma_cli.train import param_groups, read_splits, usable
 from cmma_cli.workspace import Workspace, read_manifest
 
 
@@ -63,7 +63,7 @@ def bench_device(ws: Workspace, cfg: TrainConfig, device: torch.device, batch_si
     train_table, _ = read_splits(ws, cfg.modalities)
     spec = model_spec(cfg, train_table, ctx)
     materials = MaterialSet(train_table, spec["encoders"], ctx)
-    rows = _usable(materials)
+    rows = usable(materials)
     batch_size = min(batch_size, len(rows))
     model = build_model(spec).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
@@ -150,7 +150,7 @@ def main() -> None:
         device = torch.device(name)
         means, step_rate, load_rate = bench_device(ws, cfg, device, args.batch_size, args.steps, args.workers)
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-        table = Table(title=f"{label}: one training step, batch {args.batch_size}, {cfg.structure_encoder}, "
+        table = Table(title=f"{label}: one training step, batch {args.batch_size}, {cfg.structure.encoder}, "
                             f"d={cfg.embed_dim}", title_justify="left")
         table.add_column("part")
         table.add_column("ms / step", justify="right")

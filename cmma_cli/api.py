@@ -58,11 +58,3 @@ def explain(ws: "Workspace", cfg: "EvaluateConfig", material_id: str) -> dict[st
     from cmma_cli.evaluate.explain import run_explain
 
     return run_explain(ws, cfg, material_id)
-
-
-def ablate(ws: "Workspace", cfg: "EvaluateConfig", kind: str, force: bool = False) -> dict[str, Any]:
-    """``cmma ablate KIND``: train, embed and score every variant of ``kind`` (through :func:`train` and
-    :func:`embed`); writes ``reports/<run>/ablation-<kind>.md`` and ``.json`` and returns the results."""
-    from cmma_cli.evaluate.ablations import run_ablation
-
-    return run_ablation(ws, cfg, kind, force=force)

@@ -201,7 +201,9 @@ def evaluate(
     if explain:
         api.explain(ws, cfg, explain)
     elif ablation:  # the same as `cmma ablate KIND`
-        api.ablate(ws, cfg, ablation, force=force)
+        from cmma_cli.evaluate.ablations import run_ablation
+
+        run_ablation(ws, cfg, ablation, force=force)
     else:
         api.evaluate(ws, cfg, force=force)
 
@@ -232,10 +234,10 @@ def ablate(
 
       cmma ablate temperature --ablation-epochs 5 --run big
     """
-    from cmma_cli import api
+    from cmma_cli.evaluate.ablations import run_ablation
     from cmma_cli.workspace import Workspace
 
-    api.ablate(Workspace.resolve(workspace), cfg, kind, force=force)
+    run_ablation(Workspace.resolve(workspace), cfg, kind, force=force)
 
 
 # ------------------------------------------------------------------- embed and retrieve: from the registry

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.base import flat_name
 
 #: The report sections of ``cmma evaluate``, in report order.
 SECTIONS = ("probes", "retrieval", "synthesis", "latent", "baselines", "explain")
@@ -39,11 +40,6 @@ def _registry() -> dict[str, Any]:
 def section_types(stage_attr: str) -> dict[str, type]:
     """``{modality: its settings dataclass}`` for ``stage_attr`` (``train_config`` | ``preprocess_config``)."""
     return {name: getattr(m, stage_attr) for name, m in _registry().items() if getattr(m, stage_attr, None)}
-
-
-def flat_name(modality: str, f) -> str:
-    """The flat (flag / TOML / keyword) name of field ``f`` of a modality's section."""
-    return f.metadata.get("flag", f"{modality}_{f.name}")
 
 
 def flat_fields(cls: type) -> dict[str, tuple[str | None, Any]]:

@@ -171,6 +171,12 @@ class Attribution:
     plot: Callable[[Any], None] | None = None
 
 
+def flat_name(modality: str, f: Any) -> str:
+    """The flat name (command-line flag with underscores, TOML key, config keyword) of field ``f`` of a
+    modality's settings: ``<modality>_<field>``, unless the field's metadata names a ``flag``."""
+    return f.metadata.get("flag", f"{modality}_{f.name}")
+
+
 class Modality(ABC):
     """Base class of a modality; instances are registered in :mod:`cmma_cli.modalities`."""
 
@@ -201,8 +207,6 @@ class Modality(ABC):
 
     def folder_flag(self) -> str:
         """The command-line flag of its folder setting (``--xrd-dir``)."""
-        from cmma_cli.config import flat_name
-
         f = next(f for f in dataclass_fields(self.preprocess_config) if f.name == self.folder_setting)
         return "--" + flat_name(self.name, f).replace("_", "-")
 

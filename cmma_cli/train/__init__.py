@@ -46,8 +46,6 @@ from cmma_cli.train.loop import lr_factor, objective_loss, param_groups, train_r
 from cmma_cli.train.runlog import write_config_toml
 from cmma_cli.train.validation import validate
 
-_usable = usable  # the name benchmarks/train.py imports
-
 __all__ = [
     "STAGE", "Plan", "devices", "lr_factor", "make_plan", "objective_loss", "param_groups", "read_splits",
     "run_train", "torchrun_env", "train_rank", "usable", "validate", "write_config_toml",

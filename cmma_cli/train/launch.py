@@ -7,12 +7,11 @@ spawned processes, or in each torchrun rank.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +25,10 @@ from cmma_cli.modalities import check_modalities, get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.model import model_spec, read_checkpoint, spec_mismatch
 from cmma_cli.train.data import read_splits
+from cmma_cli.train.loop import DIST_TIMEOUT, Plan, train_rank
 from cmma_cli.workspace import RunFiles, Workspace, read_manifest, require_stage
 
 STAGE = "train"
-#: How long ranks wait for each other, e.g. while rank 0 embeds every text once for the frozen-text cache.
-DIST_TIMEOUT = datetime.timedelta(hours=4)
-
-
-@dataclass
-class Plan:
-    """Everything a rank needs, decided once (in the launching process or on rank 0), picklable."""
-
-    ws_root: Path
-    cfg: TrainConfig
-    spec: dict[str, Any]  # the model's spec (the checkpoint's when resuming)
-    run_dir: Path
-    resume: Path | None
-    device: str  # cuda | cpu
-    world: int
-    port: int = 0
-
-
 def run_train(ws: Workspace, cfg: TrainConfig, run: str | None = None, resume: str | None = None,
               gpus: int | None = None, force: bool = False) -> dict[str, Any]:
     """Train a model on ``ws``'s processed data into ``runs/<run>/``; returns the run's manifest.
@@ -56,8 +38,6 @@ def run_train(ws: Workspace, cfg: TrainConfig, run: str | None = None, resume: s
     (None: one GPU if there is one, else the CPU; 0: the CPU; N: N GPUs, or N CPU processes without a
     GPU). ``force``: start ``run`` over, deleting its checkpoints and metrics.
     """
-    from cmma_cli.train.loop import train_rank
-
     env = torchrun_env()
     if env is not None:
         return _torchrun_main(ws, cfg, run, resume, force, *env)
@@ -196,16 +176,12 @@ def _free_port() -> int:
 
 
 def _spawned(rank: int, plan: Plan) -> None:
-    from cmma_cli.train.loop import train_rank
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(plan.port))
     train_rank(plan, rank=rank, local_rank=rank)
 
 
 def _torchrun_main(ws, cfg, run, resume, force, rank: int, world: int, local_rank: int) -> dict[str, Any]:
     """Under torchrun: rank 0 makes the plan and hands it (or its error) to every rank."""
-    from cmma_cli.train.loop import train_rank
-
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

@@ -7,12 +7,14 @@ optimizer and scheduler, so a resumed run continues exactly as an uninterrupted 
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +29,27 @@ from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import BatchDataset, EpochBatches, MaterialSet, to_device
 from cmma_cli.model import build_model, read_checkpoint
 from cmma_cli.train.data import read_splits, usable
-from cmma_cli.train.launch import DIST_TIMEOUT, Plan
 from cmma_cli.train.runlog import RunLog, describe
 from cmma_cli.train.validation import validate
 from cmma_cli.workspace import RunFiles, Workspace, manifest_hash, require_stage
+
+#: How long ranks wait for each other, e.g. while rank 0 embeds every text once for the frozen-text cache.
+DIST_TIMEOUT = datetime.timedelta(hours=4)
+
+
+@dataclass
+class Plan:
+    """Everything a rank needs, decided once (in the launching process or on rank 0), picklable."""
+
+    ws_root: Path
+    cfg: TrainConfig
+    spec: dict[str, Any]  # the model's spec (the checkpoint's when resuming)
+    run_dir: Path
+    resume: Path | None
+    device: str  # cuda | cpu
+    world: int
+    port: int = 0
+
 
 #: Steps between progress-bar / TensorBoard updates (reading the loss synchronises a GPU).
 LOG_EVERY = 5
