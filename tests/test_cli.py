@@ -97,7 +97,8 @@ def test_the_six_commands_run_the_pipeline(cli, tmp_path):
 def test_a_bad_choice_is_refused_before_any_data_is_read(cli, tmp_path):
     empty = tmp_path / "empty"  # no raw/, no processed/: reading anything would fail differently
     line = one_sentence_error(cli("train", "-w", empty, "--structure-encoder", "schnett"))
-    assert line == "Error: --structure-encoder must be one of schnet, cgcnn, painn, not 'schnett'."
+    assert line == ("Error: --structure-encoder must be one of schnet, cgcnn, painn, chgnet, sevenn or a class given as "
+                    "package.module:Class, not 'schnett'.")
     line = one_sentence_error(cli("train", "-w", empty, "--objective", "regress"))
     assert "--objective must be one of contrastive, predict, contrastive+predict, not 'regress'." in line
     line = one_sentence_error(cli("preprocess", "-w", empty, "--split-by", "element"))

@@ -20,12 +20,21 @@ def test_flat_names_set_the_nested_sections():
 
 
 def test_replace_keeps_the_sections_and_never_shares_them():
-    cfg = TrainConfig(xrd_channels=8)
+    cfg = TrainConfig(xrd_channels=8, structure_encoder="schnet")
     other = replace(cfg, epochs=3, structure_encoder="cgcnn")
     assert (other.epochs, other.xrd.channels, other.structure.encoder) == (3, 8, "cgcnn")
     assert cfg.structure.encoder == "schnet"  # the original is untouched
     other.xrd.channels = 4
     assert cfg.xrd.channels == 8
+
+
+def test_the_default_structure_encoder_is_chgnet_where_it_is_installed(monkeypatch):
+    import importlib.util
+
+    assert TrainConfig().structure.encoder == "chgnet"  # a regular dependency
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "chgnet" else real(name, *a))
+    assert TrainConfig().structure.encoder == "schnet"
 
 
 def test_manifests_record_sections_and_old_flat_configs_still_load():
@@ -40,7 +49,8 @@ def test_manifests_record_sections_and_old_flat_configs_still_load():
 
 
 def test_choices_are_checked_with_one_sentence():
-    with pytest.raises(CMMAError, match=r"^--structure-encoder must be one of schnet, cgcnn, painn, not 'schnett'\.$"):
+    with pytest.raises(CMMAError, match=r"^--structure-encoder must be one of schnet, cgcnn, painn, chgnet, sevenn or a class given as "
+                                       r"package\.module:Class, not 'schnett'\.$"):
         validate(TrainConfig(structure_encoder="schnett"))
     with pytest.raises(CMMAError, match=r"--text-sources must name some of description, synthesis, not abstract"):
         validate(TrainConfig(text_sources=["abstract"]))

@@ -22,8 +22,10 @@ from cmma_cli.modalities.structure.graphs import build_graph
 
 STRUCTURES = Path(pymatgen.util.__file__).parent / "structures"
 CUTOFF = 5.0
-SMALL = dict(embed_dim=32, proj_hidden=32, structure_hidden=32, structure_layers=2, num_rbf=16,
-             xrd_channels=8, xrd_out_dim=32)
+#: A small model with a graph network trained from scratch (these tests are about the graph path; the pretrained
+#: backbones, the default where installed, have their own tests in test_backbone.py).
+SMALL = dict(embed_dim=32, proj_hidden=32, structure_encoder="schnet", structure_hidden=32, structure_layers=2,
+             num_rbf=16, xrd_channels=8, xrd_out_dim=32)
 
 
 def real(name: str) -> Structure:
@@ -47,7 +49,7 @@ def structure_table(structures: list[Structure], ids: list[str] | None = None) -
 def structure_vectors(structures: list[Structure], architecture: str, pooling: str = "mean") -> torch.Tensor:
     """The structure encoder's material vectors (before the projection head), one row per structure."""
     torch.manual_seed(0)
-    cfg = TrainConfig(modalities=["structure", "xrd"], structure_encoder=architecture, pooling=pooling, **SMALL)
+    cfg = TrainConfig(modalities=["structure", "xrd"], **{**SMALL, "structure_encoder": architecture}, pooling=pooling)
     ctx = Context({"config": {"cutoff": CUTOFF}})
     modality = get_modality("structure")
     table = structure_table(structures)

@@ -16,10 +16,11 @@ from cmma_cli.model import load_model, read_checkpoint
 from cmma_cli.train import lr_factor, run_train
 from cmma_cli.workspace import Workspace, read_manifest
 
-#: Small enough for a 2-core CPU, big enough to learn: the three default modalities, text frozen (cached).
+#: Small enough for a 2-core CPU, big enough to learn: the three default modalities, text frozen (cached), a graph
+#: network trained from scratch (what these tests train and resume; the pretrained backbones: test_backbone.py).
 FAST = TrainConfig(
     modalities=["structure", "text", "xrd"], epochs=8, batch_size=32, lr=3e-3, warmup_epochs=1.0,
-    embed_dim=32, proj_hidden=64, structure_hidden=32, structure_layers=2, num_rbf=16,
+    embed_dim=32, proj_hidden=64, structure_encoder="schnet", structure_hidden=32, structure_layers=2, num_rbf=16,
     xrd_channels=8, xrd_out_dim=32, seed=0,
 )
 

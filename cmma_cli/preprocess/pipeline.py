@@ -77,10 +77,12 @@ def _folder(value: str | None) -> Path | None:
 
 def stage_config(cfg: PreprocessConfig) -> dict[str, Any]:
     """What decides the output (recorded in the manifest): the config less ``workers`` and ``chunk_size``,
-    with each modality's folders made absolute and their contents fingerprinted, so a changed folder reruns."""
+    with each modality's folders made absolute and their contents fingerprinted, so a changed folder reruns,
+    and the processed column layout, so a ``processed/`` made before a modality gained a column reruns."""
     config = as_dict(cfg)
     config.pop("workers")
     config.pop("chunk_size")
+    config["columns"] = [f.name for modality in REGISTRY.values() for f in modality.fields]
     for name, modality in REGISTRY.items():
         for key, value in modality.folders(getattr(cfg, name, None)).items():
             folder = _folder(value)

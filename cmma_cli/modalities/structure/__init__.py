@@ -7,6 +7,11 @@ atom. The architecture is chosen by name from :mod:`~cmma_cli.modalities.structu
 by default, ``cgcnn``, ``painn``). All see only distances (and, for PaiNN, directions combined into
 rotation invariants), atom types and graph connectivity, and pool atoms by mean or sum: the material
 vector is invariant to rotation, translation and the order of the sites.
+
+Pretrained universal potentials (``chgnet``, ``sevenn``, or a user's adapter class) are structure encoders too
+(:mod:`~cmma_cli.modalities.structure.encoders.backbone`): they rebuild each structure from the processed
+``atomic_numbers``, ``lattice`` and ``frac_coords`` and use their package's own graphs; frozen (the default),
+their material vectors are computed once and cached in the workspace.
 """
 
 from __future__ import annotations
@@ -35,15 +40,29 @@ class StructurePreprocess:
     min_distance: float = field(default=0.5, metadata={"flag": "min_distance"})  # atoms closer than this (Angstrom) overlap: the structure is rejected
 
 
+def _check_tune(tune: str) -> None:
+    if tune not in ("frozen", "full") and not (tune.startswith("top:") and tune[4:].isdigit() and int(tune[4:]) > 0):
+        raise CMMAError(f"--structure-tune must be frozen, full or top:K (K a positive number of interaction blocks), "
+                        f"not {tune!r}.")
+
+
+def _features() -> tuple[str, ...]:
+    return ("layers", "crystal", "energy", "composition")  # backbone.FEATURES, without importing torch
+
+
 @dataclass
 class StructureSettings:
     """The structure encoder (``cmma train``)."""
 
-    encoder: str = field(default="schnet", metadata={"choices": encoders.names})  # architecture: schnet | cgcnn | painn
+    encoder: str = field(default_factory=encoders.default, metadata={"check": encoders.check_name})  # chgnet | sevenn (pretrained potentials; chgnet is the default where installed) | schnet | cgcnn | painn (graph networks trained from scratch) | package.module:Class
     hidden: int = 128  # width of the atom features (and of the structure encoder's output)
     layers: int = 3  # message-passing layers
     num_rbf: int = field(default=50, metadata={"flag": "num_rbf"})  # Gaussian radial basis functions of the edge distances
     pooling: str = field(default="mean", metadata={"flag": "pooling", "choices": POOLINGS})  # atoms -> material: mean | sum
+    checkpoint: str | None = None  # pretrained potentials: a weights file of the package (None: its own pretrained weights)
+    tune: str = field(default="frozen", metadata={"check": _check_tune})  # pretrained potentials: frozen (vectors cached) | full | top:K (fine-tune the top K interaction blocks)
+    lr: float = 1e-4  # learning rate of a pretrained potential when it is fine-tuned
+    features: list[str] = field(default_factory=lambda: list(_features()), metadata={"choices": _features, "verb": "name some of"})  # pretrained potentials: parts of the material vector
 
 
 @dataclass
@@ -62,18 +81,22 @@ class StructureData(Prepared):
 
 class StructureModality(Modality):
     name = "structure"
-    columns = ("atomic_numbers", "edge_src", "edge_dst", "edge_dist", "edge_vec")
+    #: the radius graph, then the structure itself (what pretrained potentials rebuild it from)
+    columns = ("atomic_numbers", "edge_src", "edge_dst", "edge_dist", "edge_vec", "lattice", "frac_coords")
+    graph_columns = columns[:5]
     fields = (
         pa.field("atomic_numbers", pa.list_(pa.int16())),
         pa.field("edge_src", pa.list_(pa.int32())),
         pa.field("edge_dst", pa.list_(pa.int32())),
         pa.field("edge_dist", pa.list_(pa.float32())),
         pa.field("edge_vec", pa.list_(pa.float32())),
+        pa.field("lattice", pa.list_(pa.float32())),  # the 3x3 lattice matrix, row-major (Angstrom)
+        pa.field("frac_coords", pa.list_(pa.float32())),  # N x 3 fractional coordinates, flattened
     )
     default = True
     train_config = StructureSettings
     preprocess_config = StructurePreprocess
-    derived_keys = frozenset({"avg_neighbors"})
+    derived_keys = frozenset({"avg_neighbors", "checkpoint", "parts", "dim"})
 
     # ------------------------------------------------------------------------------------ preprocess
 
@@ -99,7 +122,10 @@ class StructureModality(Modality):
             item.reject("structure", item.material_id, str(exc))
             item.structure = None
             return {}
-        return {name: getattr(graph, name) for name in self.columns}
+        structure = item.structure
+        return {**{name: getattr(graph, name) for name in self.graph_columns},
+                "lattice": np.asarray(structure.lattice.matrix, np.float32).reshape(-1),
+                "frac_coords": np.asarray(structure.frac_coords, np.float32).reshape(-1)}
 
     def tally(self, table: pa.Table) -> dict[str, dict[str, int]]:
         nodes = table.column("atomic_numbers")
@@ -122,8 +148,9 @@ class StructureModality(Modality):
         return ("atomic_numbers", "edge_src")
 
     def spec(self, cfg: StructureSettings, table: pa.Table | None, ctx: Context) -> dict[str, Any]:
-        if cfg.encoder not in encoders.names():
-            raise CMMAError(f"--structure-encoder must be one of {', '.join(encoders.names())}, not {cfg.encoder!r}.")
+        cls = encoders.encoder_class(cfg.encoder)
+        if hasattr(cls, "make_spec"):  # an encoder that makes its own spec (a pretrained potential)
+            return cls.make_spec(cfg.encoder, cfg, ctx)
         if cfg.pooling not in POOLINGS:
             raise CMMAError(f"--pooling must be one of {', '.join(POOLINGS)}, not {cfg.pooling!r}.")
         recorded = ctx.processed_manifest.get("config", {})
@@ -143,7 +170,12 @@ class StructureModality(Modality):
             "avg_neighbors": round(float(avg_neighbors), 3),
         }
 
-    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> StructureData:
+    def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> Prepared:
+        cls = encoders.encoder_class(spec["architecture"])
+        if hasattr(cls, "prepare"):  # the encoder prepares its own inputs (a pretrained potential)
+            data = cls.prepare(table, spec, ctx)
+            data.architecture = spec["architecture"]
+            return data
         z, node_off, present = csr(table.column("atomic_numbers"), np.int64)
         src, edge_off, _ = csr(table.column("edge_src"), np.int64)
         dst, _, _ = csr(table.column("edge_dst"), np.int64)
@@ -151,8 +183,14 @@ class StructureModality(Modality):
         vec, _, _ = csr(table.column("edge_vec"), np.float32)
         return StructureData(present, z, node_off, src, dst, dist, vec.reshape(-1, 3), edge_off)
 
-    def collate(self, data: StructureData, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
-        """One disjoint union graph: node indices shifted per material, ``batch`` maps atoms to rows."""
+    def collate(self, data: Prepared, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
+        """One disjoint union graph: node indices shifted per material, ``batch`` maps atoms to rows (or what
+        the encoder's own ``collate`` makes of the rows)."""
+        architecture = getattr(data, "architecture", None)
+        if architecture is not None:
+            cls = encoders.encoder_class(architecture)
+            if hasattr(cls, "collate"):
+                return cls.collate(data, rows, rng)
         import torch
 
         nodes, node_counts = ragged_index(data.node_offsets, rows)
@@ -173,8 +211,26 @@ class StructureModality(Modality):
     def encoder(self, spec: dict[str, Any]):
         return encoders.build(spec)
 
+    def learning_rate(self, cfg: StructureSettings) -> float | None:
+        """``--structure-lr`` for a pretrained potential that fine-tunes; else the run's learning rate."""
+        if cfg is None or cfg.tune == "frozen" or not encoders.is_backbone(cfg.encoder):
+            return None
+        return cfg.lr
+
     def ablation_variants(self, cfg: StructureSettings) -> list[tuple[str, dict[str, Any]]]:
-        return [(name, {"encoder": name}) for name in encoders.names()]
+        """Every registered architecture whose package is installed: the graph networks from scratch, the
+        pretrained potentials frozen, and CHGNet with its top interaction block fine-tuned."""
+        from importlib.util import find_spec
+
+        out = []
+        for name in encoders.names():
+            package = getattr(encoders.encoder_class(name), "package", None)
+            if package and find_spec(package) is None:
+                continue
+            out.append((name, {"encoder": name, "tune": "frozen"}))
+            if name == "chgnet":
+                out.append(("chgnet top:1", {"encoder": name, "tune": "top:1"}))
+        return out
 
     # ---- embed and retrieve
 
@@ -233,15 +289,34 @@ class StructureModality(Modality):
     def unusable_query(self, value, reason: str) -> str:
         return f"The structure in {value} cannot be used ({reason}): pass another CIF."
 
+    def warm_up(self, encoder) -> None:
+        """A frozen pretrained potential: load it once, so a query's time is its encoding alone."""
+        module = encoder.model.encoders[self.name] if self.name in encoder.model.encoders else None
+        if getattr(module, "frozen", False) and hasattr(module, "loaded"):
+            module.loaded(module.spec["backbone"], module.spec.get("checkpoint"))
+
     # ---- evaluate
 
     attribution = "atoms"
     explain_anchor = True
 
     def attribute(self, encoder, head, inputs, other, ctx):
-        """Per-atom contributions: each atom's features before pooling, projected and dotted with ``other``."""
+        """Per-atom contributions: each atom's features before pooling (``encoder.atoms``), projected and dotted
+        with ``other``. A frozen pretrained potential's batch holds the cached material vector, so its atoms are
+        recomputed from the structure in the processed row."""
+        from cmma_cli.modalities.base import Attribution
         from cmma_cli.modalities.structure.explain import attribute
 
+        if not hasattr(encoder, "atoms"):
+            return Attribution({})
+        if "vector" in inputs:
+            import torch
+
+            from cmma_cli.modalities.structure.encoders.backbone import read_structures
+
+            z, _, _, lattice, frac = read_structures(ctx.row)
+            inputs = {"z": torch.from_numpy(z), "frac": torch.from_numpy(frac),
+                      "lattice": torch.from_numpy(lattice.reshape(-1, 3, 3))}
         return attribute(encoder, head, inputs, other, ctx)
 
     def attribution_text(self, pair: dict[str, Any], markdown: bool = True) -> list[str]:
