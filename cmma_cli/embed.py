@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 
 from cmma_cli.config import EmbedConfig, as_dict
 from cmma_cli.console import console, progress
-from cmma_cli.embeddings import UNIFIED, clear_stage, file_digest, tables, unify, write_embeddings
+from cmma_cli.embeddings import UNIFIED, clear_stage, tables, unify, write_embeddings
 from cmma_cli.errors import CMMAError
 from cmma_cli.index import INDEX_KINDS
-from cmma_cli.workspace import Workspace, is_up_to_date, read_manifest, require_stage, write_manifest
+from cmma_cli.workspace import Workspace, file_digest, is_up_to_date, read_manifest, require_stage, write_manifest
 
 STAGE = "embed"
 CHECKPOINTS = ("best", "last")

@@ -14,7 +14,6 @@ What ``cmma embed`` writes and ``cmma retrieve`` / ``cmma evaluate`` read (the c
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +41,6 @@ def extra_tables() -> dict[str, str]:
     from cmma_cli.modalities import REGISTRY
 
     return {t: key for m in REGISTRY.values() for t, key in m.embed_tables.items() if t not in REGISTRY}
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 (16 hex digits) of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 

@@ -318,7 +318,7 @@ class Retriever:
         """The run's encoders, from the very checkpoint that made these embeddings."""
         if self._encoder is None:
             started = time.perf_counter()
-            from cmma_cli.embeddings import file_digest
+            from cmma_cli.workspace import file_digest
             from cmma_cli.encode import Encoder
 
             facts = self.manifest["checkpoint"]

@@ -289,6 +289,15 @@ def write_text(text: str, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------ manifests
 
 
+def file_digest(path: Path | str) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes, read in 1 MiB blocks (checkpoints, weights files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A stable hash of a stage's config (JSON with sorted keys)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()

@@ -50,6 +50,7 @@ from torch import nn
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.base import Context, Prepared
 from cmma_cli.modalities.columns import csr, ragged_index
+from cmma_cli.workspace import file_digest
 
 #: The parts of a material vector, in vector order (``--structure-features``).
 FEATURES = ("layers", "crystal", "energy", "composition")
@@ -104,15 +105,6 @@ def resolve_checkpoint(path: str | None) -> str | None:
         raise CMMAError(f"The backbone checkpoint {path} given to --structure-checkpoint does not exist: pass a "
                         "weights file of the backbone's package, or leave it out for its pretrained weights.")
     return str(file.resolve())
-
-
-def file_digest(path: str) -> str:
-    """The first 16 hex digits of the SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def material_key(numbers: np.ndarray, lattice: np.ndarray, frac: np.ndarray) -> str:
