@@ -24,6 +24,8 @@ from typing import Any, Callable, Union
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.base import flat_name
 
+#: Where ``cmma fetch`` reads raw data from.
+FETCH_SOURCES = ("sample", "mp", "local")
 #: The report sections of ``cmma evaluate``, in report order.
 SECTIONS = ("probes", "retrieval", "synthesis", "latent", "baselines", "explain")
 
@@ -263,7 +265,7 @@ def validate(config: Any) -> Any:
 class FetchConfig:
     """``cmma fetch``: where raw data comes from and which materials to take."""
 
-    source: str | None = field(default=None, metadata={"choices": ("sample", "mp", "local"), "short": "-s"})  # sample | mp | local (None: local if paths are given, mp if an API key is set, else the built-in sample)
+    source: str | None = field(default=None, metadata={"choices": FETCH_SOURCES, "short": "-s"})  # sample | mp | local (None: local if paths are given, mp if an API key is set, else the built-in sample)
     paths: list[str] = field(default_factory=list)  # local files / folders (source=local)
     elements: list[str] = field(default_factory=list, metadata={"short": "-e"})  # materials containing all of these elements, e.g. Li,Fe,O
     chemsys: str | None = None  # e.g. "Li-Fe-O": exactly this chemical system

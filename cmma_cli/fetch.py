@@ -22,7 +22,6 @@ from cmma_cli.errors import CMMAError
 from cmma_cli.sources.schema import KNOWN_PROPERTIES, RawData, rejects_frame
 from cmma_cli.workspace import Workspace, begin_stage, is_up_to_date, read_manifest, write_manifest, write_table
 
-SOURCES = ("sample", "mp", "local")
 
 
 def _fingerprint(paths: list[str]) -> list[list[Any]]:

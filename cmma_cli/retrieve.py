@@ -74,12 +74,6 @@ def _examples(flags: bool = False) -> list[str]:
     return [*out, f"--{MATERIAL}" if flags else f"--{MATERIAL} ID"]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "TARGETS":  # from the registry now (a modality may be registered after this import)
-        return targets()
-    if name == "SOURCES":
-        return sources()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The processed properties shown with every result (where the data has them).
 KEY_PROPERTIES = ("formula", "crystal_system", "spacegroup_symbol", "band_gap", "formation_energy_per_atom",

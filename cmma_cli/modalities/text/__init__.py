@@ -338,7 +338,8 @@ class TextModality(Modality):
     attribution = "words"
 
     def attribute(self, encoder, head, inputs, other, ctx):
-        """Per-word gradient x input of the material's first text (the one evaluation embeds)."""
+        """Per-word gradient x input of the material's first text (its description, else its first synthesis text;
+        a material with several synthesis texts is embedded as their pooled mean, so this explains one of them)."""
         from cmma_cli.modalities.text.explain import attribute
 
         return attribute(encoder, head, inputs, other, ctx)

@@ -2,7 +2,8 @@
 
 Gradient x input on the sentence model's token embeddings, of the cosine similarity between the text's
 projected embedding and the other modality's unit embedding; word pieces are merged into words. The text
-is the material's first one (its description, else its first synthesis procedure), as evaluation embeds it.
+is the material's first one (its description, else its first synthesis procedure); a material with several
+synthesis texts is embedded as their pooled mean, so its words explain one of them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ names (``embedding``, ``rbf``, ``blocks``, ``atom_mlp``) are part of the checkpo
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ def cosine_cutoff(dist: torch.Tensor, cutoff: float) -> torch.Tensor:
     return 0.5 * (torch.cos(dist * math.pi / cutoff) + 1.0) * (dist < cutoff)
 
 
-class GraphEncoder(nn.Module):
+class GraphEncoder(nn.Module, ABC):
     """Atom-type embeddings -> :meth:`interact` (``layers`` message-passing steps) -> atom MLP -> pooling."""
 
     def __init__(self, hidden: int = 128, layers: int = 3, num_rbf: int = 50, cutoff: float = 5.0,
@@ -36,13 +37,13 @@ class GraphEncoder(nn.Module):
         self.build(hidden, layers, num_rbf, cutoff, avg_neighbors)  # before atom_mlp: the seeded init order
         self.atom_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
+    @abstractmethod
     def build(self, hidden: int, layers: int, num_rbf: int, cutoff: float, avg_neighbors: float) -> None:
         """Create the message-passing modules (``self.blocks``, ...)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def interact(self, h: torch.Tensor, inputs: dict[str, torch.Tensor], rbf: torch.Tensor) -> torch.Tensor:
         """Atom features ``(atoms, hidden)`` after message passing."""
-        raise NotImplementedError
 
     def atoms(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-atom features ``(atoms, out_dim)`` before pooling (what attributions project)."""
