@@ -48,9 +48,14 @@ def embed(ws: "Workspace", cfg: "EmbedConfig", force: bool = False) -> dict[str,
 
 def evaluate(ws: "Workspace", cfg: "EvaluateConfig", force: bool = False) -> dict[str, Any]:
     """``cmma evaluate``: the report of run ``cfg.run``'s embeddings in ``reports/<run>/``; returns its metrics."""
-    from cmma_cli.evaluate.pipeline import run_evaluate
+    from cmma_cli.evaluate.data import resolve_run
+    from cmma_cli.evaluate.pipeline import check_config, run_evaluate
+    from cmma_cli.workspace import stage_lock
 
-    return run_evaluate(ws, cfg, force=force)
+    check_config(cfg)  # its sentences first, as run_evaluate gives them
+    run = resolve_run(ws, cfg.run)
+    with stage_lock(ws.reports_dir(run), f"The report of run {run!r}"):  # one writer per report
+        return run_evaluate(ws, cfg, force=force)
 
 
 def explain(ws: "Workspace", cfg: "EvaluateConfig", material_id: str) -> dict[str, Any]:

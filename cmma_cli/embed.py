@@ -7,6 +7,8 @@ the vectors, not the graphs.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,15 @@ from cmma_cli.console import console, progress
 from cmma_cli.embeddings import UNIFIED, clear_stage, tables, unify, write_embeddings
 from cmma_cli.errors import CMMAError
 from cmma_cli.index import INDEX_KINDS
-from cmma_cli.workspace import Workspace, file_digest, is_up_to_date, read_manifest, require_stage, write_manifest
+from cmma_cli.workspace import (
+    Workspace,
+    file_digest,
+    is_up_to_date,
+    read_manifest,
+    require_stage,
+    stage_lock,
+    write_manifest,
+)
 
 STAGE = "embed"
 CHECKPOINTS = ("best", "last")
@@ -140,6 +150,29 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
                         f"or continue it with `cmma train --run {run} --resume latest`.")
     config = stage_config(cfg, run, checkpoint)
     out = ws.embeddings_dir(run)
+    with stage_lock(out, f"The embeddings of run {run!r}"):
+        return _embed_locked(ws, cfg, force, processed, run, run_dir, checkpoint, config, out)
+
+
+def staging_dir(out: Path) -> Path:
+    """The temporary sibling folder a new ``out`` is written into before it replaces the old one."""
+    return out.parent / f".{out.name}.new-{os.getpid()}"
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the stage's tables in ``out`` by the complete set in ``new`` (other files, e.g. ``inputs/``, stay).
+
+    The manifest goes first (:func:`~cmma_cli.embeddings.clear_stage`), then each file is renamed into place; the
+    caller writes the new manifest last.
+    """
+    clear_stage(out)
+    for path in sorted(new.iterdir()):
+        os.replace(path, out / path.name)
+    shutil.rmtree(new, ignore_errors=True)
+
+
+def _embed_locked(ws: Workspace, cfg: EmbedConfig, force: bool, processed: dict[str, Any], run: str, run_dir: Path,
+                  checkpoint: Path, config: dict[str, Any], out: Path) -> dict[str, Any]:
     inputs = [ws.processed, run_dir]
     if not force and is_up_to_date(out, config, inputs):
         console.print(f"embeddings/{run} is up to date with this run, checkpoint and processed data: skipped "
@@ -149,29 +182,19 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
     from cmma_cli.encode import Encoder
 
     started = time.perf_counter()
-    clear_stage(out)
+    # the checkpoint is read (and refused when bad) before anything of the current embeddings is touched
     encoder = Encoder(checkpoint, processed, cache_dir=ws.cache, device=cfg.device,
                       batch_size=cfg.batch_size, workers=cfg.workers)
-    path = ws.processed / "materials.parquet"
-    all_ids = [str(m) for m in pq.read_table(path, columns=["material_id"]).column("material_id").to_pylist()]
-    console.print(f"Embedding {len(all_ids)} materials with run {run} ({checkpoint.name}, epoch "
-                  f"{encoder.checkpoint.get('epoch')}) on {encoder.device.type}: {', '.join(encoder.modalities)}.",
-                  highlight=False, soft_wrap=True)
-
-    made: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
-    with progress() as bar:
-        for modality in encoder.modalities:
-            made.update(embed_processed(encoder, path, modality, bar))
-    written: dict[str, dict[str, Any]] = {}
-    for name in tables():
-        if name in made:
-            written[name] = write_embeddings(out, name, *made[name], cfg)
-    parts = {m: ([str(i) for i in made[m][0]["material_id"].to_pylist()], made[m][1])
-             for m in encoder.modalities if m in made}
-    unified_ids, unified, used = unify(all_ids, parts)
-    written[UNIFIED] = write_embeddings(
-        out, UNIFIED, {"material_id": pa.array(unified_ids, pa.string()),
-                       "modalities": pa.array(used, pa.list_(pa.string()))}, unified, cfg)
+    for stale in out.parent.glob(f".{out.name}.new-*"):  # left by a killed embed (we hold the lock: none is live)
+        shutil.rmtree(stale, ignore_errors=True)
+    new = staging_dir(out)
+    new.mkdir(parents=True)
+    try:
+        written, all_ids = _embed_all(ws, cfg, run, checkpoint, encoder, new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _swap_in(new, out)
 
     seconds = time.perf_counter() - started
     counts = {name: written[name]["rows"] for name in tables() if name in written}
@@ -192,6 +215,33 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
     )
     _summary(out, written, len(all_ids), seconds)
     return manifest
+
+
+def _embed_all(ws: Workspace, cfg: EmbedConfig, run: str, checkpoint: Path, encoder, out: Path
+               ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every processed material through ``encoder``: the tables and indexes written into ``out`` (the index facts
+    per table) and every material id."""
+    path = ws.processed / "materials.parquet"
+    all_ids = [str(m) for m in pq.read_table(path, columns=["material_id"]).column("material_id").to_pylist()]
+    console.print(f"Embedding {len(all_ids)} materials with run {run} ({checkpoint.name}, epoch "
+                  f"{encoder.checkpoint.get('epoch')}) on {encoder.device.type}: {', '.join(encoder.modalities)}.",
+                  highlight=False, soft_wrap=True)
+
+    made: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+    with progress() as bar:
+        for modality in encoder.modalities:
+            made.update(embed_processed(encoder, path, modality, bar))
+    written: dict[str, dict[str, Any]] = {}
+    for name in tables():
+        if name in made:
+            written[name] = write_embeddings(out, name, *made[name], cfg)
+    parts = {m: ([str(i) for i in made[m][0]["material_id"].to_pylist()], made[m][1])
+             for m in encoder.modalities if m in made}
+    unified_ids, unified, used = unify(all_ids, parts)
+    written[UNIFIED] = write_embeddings(
+        out, UNIFIED, {"material_id": pa.array(unified_ids, pa.string()),
+                       "modalities": pa.array(used, pa.list_(pa.string()))}, unified, cfg)
+    return written, all_ids
 
 
 def _summary(out: Path, written: dict[str, dict[str, Any]], materials: int, seconds: float) -> None:

@@ -15,6 +15,12 @@ manifest is missing is not trusted (the stage was interrupted). Every file is wr
 :func:`atomic` (a temporary name beside it, renamed into place when complete), so a reader never sees half
 a file; :meth:`Workspace.finished` lists a stage's finished runs and :class:`RunFiles` names a training
 run's files.
+
+One writer per stage output: :func:`stage_lock` takes an exclusive lock on a stage folder (``processed/``, a
+run, a run's embeddings or report) through a lock file beside it (``<parent>/.<name>.lock``, an OS lock that
+dies with its process, so a killed holder never leaves it stuck); a second writer is refused at once with one
+sentence naming the holder (pid, host, start time). :func:`begin_stage` takes it too when its caller did not.
+Run names are plain folder names (:func:`check_run_name`), so every run lives below the workspace.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -84,17 +93,22 @@ class Workspace:
         return self.root / "processed"
 
     def run_dir(self, run: str) -> Path:
-        return self.root / "runs" / run
+        return self.root / "runs" / check_run_name(run)
 
     def run_files(self, run: str) -> "RunFiles":
         """The files of training run ``run`` (checkpoints, metrics, config)."""
         return RunFiles(self.run_dir(run))
 
     def embeddings_dir(self, run: str) -> Path:
-        return self.root / "embeddings" / run
+        return self.root / "embeddings" / check_run_name(run)
 
     def reports_dir(self, run: str) -> Path:
-        return self.root / "reports" / run
+        return self.root / "reports" / check_run_name(run)
+
+    def owns_run(self, folder: Path) -> bool:
+        """Whether ``folder`` is a training run's folder of this workspace (``<ws>/runs/<run>/``)."""
+        folder = Path(folder).resolve()
+        return folder.parent == (self.root / RUN_FOLDERS["train"]).resolve() and is_run_name(folder.name)
 
     def finished(self, stage: str) -> list[str]:
         """Names of the runs of ``stage`` whose manifest exists (finished), oldest first (by manifest time).
@@ -103,13 +117,21 @@ class Workspace:
         ``reports``): the runs are the folders ``<ws>/<folder>/<run>/``.
         """
         folder = self.root / RUN_FOLDERS.get(stage, stage)
-        found = [p for p in folder.glob("*/") if (p / MANIFEST).is_file()]
+        found = [p for p in folder.glob("*/") if is_run_name(p.name) and (p / MANIFEST).is_file()]
         return [p.name for p in sorted(found, key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name))]
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest training checkpoint to resume from (``runs/<run>/last.pt``, finished or not), or None."""
-        found = [p for p in (self.root / RUN_FOLDERS["train"]).glob("*/last.pt") if p.is_file()]
-        return max(found, key=lambda p: (p.stat().st_mtime, p.parent.name)) if found else None
+        """The newest training checkpoint to resume from (``runs/<run>/last.pt``, finished or not), or None.
+
+        A run killed between writing an epoch's checkpoint and ``last.pt`` counts by its newest epoch checkpoint.
+        """
+        found = []
+        for run in (self.root / RUN_FOLDERS["train"]).glob("*/"):
+            if is_run_name(run.name):
+                files = RunFiles(run)
+                found += [p for p in [files.last, *files.epoch_checkpoints()[-1:]] if p.is_file()]
+        best = max(found, key=lambda p: (p.stat().st_mtime, p.name == "last.pt", str(p))) if found else None
+        return RunFiles.of_checkpoint(best).last if best is not None else None
 
     @property
     def cache(self) -> Path:
@@ -156,6 +178,10 @@ class RunFiles:
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch-{epoch:03d}.pt"
 
+    def epoch_checkpoints(self) -> list[Path]:
+        """The run's ``checkpoints/epoch-NNN.pt`` files, oldest epoch first."""
+        return sorted(p for p in self.checkpoints.glob("epoch-*.pt") if p.is_file())
+
     @property
     def last(self) -> Path:
         return self.root / "last.pt"
@@ -179,11 +205,169 @@ class RunFiles:
         return self.checkpoints.exists() or self.metrics.exists()
 
     def clear_training(self) -> None:
-        """Delete what training wrote (checkpoints, metrics, TensorBoard events), to start the run over."""
+        """Delete what training wrote (checkpoints, metrics, TensorBoard events), to start the run over.
+
+        The manifest goes first: a run being started over is not a finished run.
+        """
+        (self.root / MANIFEST).unlink(missing_ok=True)
         for folder in (self.checkpoints, self.tensorboard):
             shutil.rmtree(folder, ignore_errors=True)
         for path in (self.metrics, self.last, self.best):
             path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ run names
+
+
+def is_run_name(name: str) -> bool:
+    """Whether ``name`` can name a run: one plain folder name (no path separator, no ``..``, no leading dot)."""
+    seps = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
+    return bool(name) and not name.startswith(".") and not any(c in name for c in seps) and "\0" not in name
+
+
+def check_run_name(name: str) -> str:
+    """``name`` when it is a plain run name (:func:`is_run_name`), else one sentence: runs live only in ``<ws>/runs/``."""
+    if not isinstance(name, str) or not is_run_name(name):
+        raise CMMAError(f"The run name {name!r} is not a plain folder name (runs live only in the workspace's runs/ "
+                        "folder): pass --run with a name that has no '/', '\\', '..' or leading '.'.")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- locks
+
+try:  # POSIX: an OS lock, released by the kernel when its process dies (however it dies)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: an exclusive lock file, stale when its pid is gone
+    fcntl = None  # type: ignore[assignment]
+
+HOST = socket.gethostname()
+
+
+@dataclass
+class _Held:
+    fd: int
+    depth: int  # open stage_lock blocks; 0: taken by begin_stage, released by write_manifest
+    path: Path
+
+
+_HELD: dict[str, _Held] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(stage_dir: Path) -> Path:
+    """The lock file of a stage folder: ``<parent>/.<name>.lock`` (beside it, so a folder swap keeps the lock)."""
+    stage_dir = Path(stage_dir)
+    return stage_dir.parent / f".{stage_dir.name}.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _refusal(what: str, path: Path) -> CMMAError:
+    h = _holder(path)
+    if h.get("pid"):
+        who = f"pid {h['pid']} on {h.get('host', '?')}, started {h.get('started', '?')}"
+        if h.get("host") == HOST and not _alive(int(h["pid"])):
+            who += ", now gone but a process it started still holds the lock"
+    else:
+        who = "holder not recorded yet"
+    return CMMAError(f"{what} is being written by another cmma process ({who}): wait for it to finish or stop it, "
+                     f"then run the command again.")
+
+
+def _acquire(path: Path, what: str) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.dumps({"pid": os.getpid(), "host": HOST,
+                         "started": datetime.now().astimezone().isoformat(timespec="seconds")}).encode()
+    if fcntl is not None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _refusal(what, path) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, record)
+        return fd
+    for _ in range(2):  # pragma: no cover - without fcntl
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            h = _holder(path)
+            if h.get("host") == HOST and h.get("pid") and not _alive(int(h["pid"])):
+                path.unlink(missing_ok=True)  # its holder died: the lock is stale
+                continue
+            raise _refusal(what, path) from None
+        os.write(fd, record)
+        return fd
+    raise _refusal(what, path)  # pragma: no cover
+
+
+def _release(held: _Held) -> None:
+    try:
+        if fcntl is not None:
+            os.ftruncate(held.fd, 0)
+            fcntl.flock(held.fd, fcntl.LOCK_UN)
+        else:  # pragma: no cover
+            held.path.unlink(missing_ok=True)
+    finally:
+        os.close(held.fd)
+
+
+def _take(stage_dir: Path, what: str | None, block: bool) -> str:
+    path = lock_path(Path(stage_dir).resolve())
+    key = str(path)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            held = _HELD[key] = _Held(_acquire(path, what or f"{stage_dir}"), 0, path)
+        if block:
+            held.depth += 1
+    return key
+
+
+@contextmanager
+def stage_lock(stage_dir: Path, what: str | None = None) -> Iterator[Path]:
+    """Hold the exclusive write lock of ``stage_dir`` for the block; yields ``stage_dir``.
+
+    Refuses at once (a :class:`CMMAError` naming the holder's pid, host and start time) when another process holds
+    it; re-entrant within a process. ``what`` names the output in that sentence (e.g. ``"Run 'first'"``). The
+    lock is the OS's (``flock``): a holder that is killed releases it, so it never stays stuck.
+    """
+    key = _take(stage_dir, what or f"The stage folder {stage_dir}", block=True)
+    try:
+        yield Path(stage_dir)
+    finally:
+        with _HELD_GUARD:
+            held = _HELD[key]
+            held.depth -= 1
+            if held.depth == 0:
+                del _HELD[key]
+                _release(held)
+
+
+def _release_begun(stage_dir: Path) -> None:
+    """Release the lock :func:`begin_stage` took (not one a :func:`stage_lock` block holds)."""
+    key = str(lock_path(Path(stage_dir).resolve()))
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held.depth == 0:
+            del _HELD[key]
+            _release(held)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -323,8 +507,15 @@ def _input_key(input_dir: Path) -> str:
     return manifest["stage"] if manifest else input_dir.name
 
 
-def begin_stage(stage_dir: Path) -> None:
-    """Mark ``stage_dir`` as being rewritten: its manifest goes first, so an interrupted run is not trusted."""
+def begin_stage(stage_dir: Path, lock: bool = True) -> None:
+    """Mark ``stage_dir`` as being rewritten: its manifest goes first, so an interrupted run is not trusted.
+
+    With ``lock``, the stage's write lock is taken first when this process does not hold it yet (a second writer is
+    refused); it is then held until :func:`write_manifest` finishes the stage (or the process ends). ``lock=False``
+    is for a process whose parent holds the lock (a spawned training rank).
+    """
+    if lock:
+        _take(stage_dir, f"The stage folder {stage_dir}", block=False)
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / MANIFEST).unlink(missing_ok=True)
 
@@ -351,6 +542,7 @@ def write_manifest(
     if extra:
         manifest.update(extra)
     write_json(manifest, stage_dir / MANIFEST)
+    _release_begun(stage_dir)
     return manifest
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,7 +13,7 @@ import pyarrow.parquet as pq
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.batches import MaterialSet
-from cmma_cli.workspace import Workspace
+from cmma_cli.workspace import Workspace, manifest_hash
 
 
 def read_splits(ws: Workspace, modalities: list[str], columns: list[str] | None = None,
@@ -35,3 +38,22 @@ def read_splits(ws: Workspace, modalities: list[str], columns: list[str] | None 
 def usable(materials: MaterialSet) -> np.ndarray:
     """Rows that have at least two configured modalities (a sample with one has no pair to learn from)."""
     return np.flatnonzero(materials.modality_counts() >= 2)
+
+
+def split_digest(ws: Workspace) -> str:
+    """A hash of which split each processed material is in (``splits.parquet``, order-independent)."""
+    splits = pq.read_table(ws.processed / "splits.parquet", columns=["material_id", "split"])
+    splits = splits.take(pc.sort_indices(splits, sort_keys=[("material_id", "ascending"), ("split", "ascending")]))
+    digest = hashlib.sha256()
+    for name in ("material_id", "split"):
+        digest.update("\x1f".join(map(str, splits[name].to_pylist())).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+def data_identity(ws: Workspace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of the processed data it trained on: the split's hash, the preprocess config (and
+    its hash) and the raw inputs' hashes; ``cmma train --resume`` compares it with ``processed/`` now."""
+    return {"splits": split_digest(ws), "config_hash": manifest.get("config_hash"),
+            "config": manifest.get("config", {}), "inputs": manifest.get("inputs", {}),
+            "manifest": manifest_hash(ws.processed)}

@@ -7,10 +7,15 @@ spawned processes, or in each torchrun rank.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
 import socket
+import sys
+import threading
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,13 @@ from cmma_cli.loss import parse_pairs
 from cmma_cli.modalities import check_modalities, get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.model import model_spec, read_checkpoint, spec_mismatch
-from cmma_cli.train.data import read_splits
+from cmma_cli.train.data import data_identity, read_splits
 from cmma_cli.train.loop import DIST_TIMEOUT, Plan, train_rank
-from cmma_cli.workspace import RunFiles, Workspace, read_manifest, require_stage
+from cmma_cli.workspace import RunFiles, Workspace, manifest_hash, read_manifest, require_stage, stage_lock
 
 STAGE = "train"
+
+
 def run_train(ws: Workspace, cfg: TrainConfig, run: str | None = None, resume: str | None = None,
               gpus: int | None = None, force: bool = False) -> dict[str, Any]:
     """Train a model on ``ws``'s processed data into ``runs/<run>/``; returns the run's manifest.
@@ -41,18 +48,19 @@ def run_train(ws: Workspace, cfg: TrainConfig, run: str | None = None, resume: s
     env = torchrun_env()
     if env is not None:
         return _torchrun_main(ws, cfg, run, resume, force, *env)
-    plan = make_plan(ws, cfg, run, resume, gpus, force)
-    if plan.world == 1:
-        return train_rank(plan, rank=0, local_rank=0)
-    plan.port = _free_port()
-    try:
-        torch.multiprocessing.spawn(_spawned, args=(plan,), nprocs=plan.world, join=True)
-    except torch.multiprocessing.ProcessRaisedException as exc:
-        lines = [ln for ln in str(exc).splitlines() if "CMMAError: " in ln]
-        if lines:
-            raise CMMAError(lines[-1].split("CMMAError: ", 1)[1]) from None
-        raise
-    return read_manifest(plan.run_dir) or {}
+    with ExitStack() as held:  # the run's write lock, from the first look at its folder to the end of training
+        plan = make_plan(ws, cfg, run, resume, gpus, force, held=held)
+        if plan.world == 1:
+            return train_rank(plan, rank=0, local_rank=0)
+        plan.port, plan.parent = _free_port(), os.getpid()
+        try:
+            torch.multiprocessing.spawn(_spawned, args=(plan,), nprocs=plan.world, join=True)
+        except torch.multiprocessing.ProcessRaisedException as exc:
+            lines = [ln for ln in str(exc).splitlines() if "CMMAError: " in ln]
+            if lines:
+                raise CMMAError(lines[-1].split("CMMAError: ", 1)[1]) from None
+            raise
+        return read_manifest(plan.run_dir) or {}
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -107,30 +115,94 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def resume_target(ws: Workspace, run: str | None, resume: str | None) -> tuple[Path | None, RunFiles]:
-    """(the checkpoint to resume from or None, the run folder) for ``--run`` and ``--resume``."""
+    """(the checkpoint to resume from or None, the run folder) for ``--run`` and ``--resume``.
+
+    The run folder is always ``<ws>/runs/<run>/``: a checkpoint from outside the workspace continues in ``--run``,
+    or in a new run (a timestamp) when there is none. ``--resume latest`` takes the run's ``last.pt``, or where that
+    is missing or unreadable (a kill mid-write) its newest readable epoch checkpoint, and says so.
+    """
     if resume is None:
         return None, ws.run_files(run or time.strftime("%Y%m%d-%H%M%S"))
     if resume == "latest":
         if run:
-            path = ws.run_files(run).last
-            if not path.exists():
-                raise CMMAError(f"Run {run!r} has no checkpoint to resume ({path} is missing): train it first without --resume.")
+            files = ws.run_files(run)
         else:
             path = ws.latest_checkpoint()
             if path is None:
                 raise CMMAError(f"There is no run with a checkpoint in {ws.root / 'runs'} to resume: train once "
                                 "without --resume.")
+            files = RunFiles.of_checkpoint(path)
+        return resumable_checkpoint(files), files
+    path = Path(resume).expanduser().resolve()
+    if run is not None:
+        return path, ws.run_files(run)
+    owner = RunFiles.of_checkpoint(path)
+    if ws.owns_run(owner.root):
+        return path, owner
+    files = ws.run_files(time.strftime("%Y%m%d-%H%M%S"))
+    console.print(f"{path} lies outside {ws.root / 'runs'}: training continues from it in the new run {files.name!r} "
+                  "(pass --run NAME to choose the name).", highlight=False, soft_wrap=True)
+    return path, files
+
+
+def resumable_checkpoint(files: RunFiles) -> Path:
+    """``files.last``, or where it is missing or unreadable the newest readable epoch checkpoint (with a warning)."""
+    if files.last.is_file():
+        try:
+            read_checkpoint(files.last)
+            return files.last
+        except CMMAError:
+            problem = "unreadable (cut short?)"
     else:
-        path = Path(resume).expanduser().resolve()
-    return path, (RunFiles.of_checkpoint(path) if run is None else ws.run_files(run))
+        problem = "missing"
+    for path in reversed(files.epoch_checkpoints()):
+        try:
+            read_checkpoint(path)
+        except CMMAError:
+            continue
+        console.print(f"[yellow]{files.last} is {problem}: resuming from {path.name}, the newest readable epoch "
+                      "checkpoint.[/]", highlight=False, soft_wrap=True)
+        return path
+    if problem == "missing" and not files.epoch_checkpoints():
+        raise CMMAError(f"Run {files.name!r} has no checkpoint to resume ({files.last} is missing): train it first "
+                        "without --resume.")
+    raise CMMAError(f"Run {files.name!r} has no readable checkpoint to resume ({files.last} is {problem} and no "
+                    f"checkpoints/epoch-NNN.pt can be read): start it over with --force.")
+
+
+def data_change(ckpt: dict[str, Any], ws: Workspace, manifest: dict[str, Any]) -> str | None:
+    """What changed in ``processed/`` since ``ckpt`` was written (in words), or None when it trains on the same data."""
+    if ckpt.get("processed") == manifest_hash(ws.processed):
+        return None
+    then = ckpt.get("data")
+    if not then:  # a checkpoint that records only the manifest's hash
+        return "processed/ was rebuilt since, and the checkpoint does not record which split it trained on"
+    now = data_identity(ws, manifest)
+    changed = []
+    if then.get("splits") != now["splits"]:
+        changed.append("the train/val/test split")
+    if then.get("config_hash") != now["config_hash"]:
+        old, new = then.get("config") or {}, now["config"]
+        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        said = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys[:4] if not isinstance(new.get(k), dict))
+        changed.append(f"the preprocess settings ({said})" if said else "the preprocess settings")
+    if then.get("inputs") != now["inputs"]:
+        changed.append("the raw data (a new fetch)")
+    return ", ".join(changed) or None
 
 
 def make_plan(ws: Workspace, cfg: TrainConfig, run: str | None, resume: str | None, gpus: int | None,
-              force: bool, torchrun_world: int | None = None) -> Plan:
-    """Check the config, the data and the run folder; decide devices; refuse an incompatible resume."""
+              force: bool, torchrun_world: int | None = None, held: ExitStack | None = None) -> Plan:
+    """Check the config, the data and the run folder; decide devices; refuse an incompatible resume.
+
+    ``held``: where the run's write lock is kept (taken before the run folder is looked at; a run another process
+    is writing is refused); the caller holds it until training ends. None: no lock (the caller took it).
+    """
     cfg = check_config(cfg)
     manifest = require_stage(ws.processed, "preprocess")
     resume_path, files = resume_target(ws, run, resume)
+    if held is not None:
+        held.enter_context(stage_lock(files.root, f"Run {files.name!r}"))
 
     # the spec measures the graphs' mean neighbour count (and the properties' train mean and std for a
     # predict objective); the rest of the data is read by the ranks
@@ -151,6 +223,15 @@ def make_plan(ws: Workspace, cfg: TrainConfig, run: str | None, resume: str | No
         if ckpt["epoch"] >= cfg.epochs:
             raise CMMAError(f"The checkpoint {resume_path} has already trained {ckpt['epoch']} epochs: pass --epochs "
                             f"above {ckpt['epoch']} to train further.")
+        changed = data_change(ckpt, ws, manifest)
+        if changed and not cfg.resume_any_data:
+            raise CMMAError(
+                f"processed/ changed since the checkpoint {resume_path} was written ({changed}), so resuming would "
+                "score it on materials it trained on: start a new run with --run NAME, or pass --resume-any-data to "
+                "continue anyway.")
+        if changed:
+            console.print(f"[yellow]Resuming on changed processed data ({changed}) as --resume-any-data asks: val "
+                          "and test figures may include materials it trained on.[/]", highlight=False, soft_wrap=True)
         spec = ckpt["spec"]
     elif files.has_training():
         if not force:
@@ -175,13 +256,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` (the process that started it) dies, however it dies.
+
+    On Linux the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls the parent's
+    pid. Either way a parent already gone by now ends this process at once. Spawned training ranks call it, so a
+    killed ``cmma train`` never leaves ranks training on (and writing the run) behind it.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="cmma-parent-watch", daemon=True).start()
+
+
 def _spawned(rank: int, plan: Plan) -> None:
+    die_with_parent(plan.parent)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(plan.port))
     train_rank(plan, rank=rank, local_rank=rank)
 
 
 def _torchrun_main(ws, cfg, run, resume, force, rank: int, world: int, local_rank: int) -> dict[str, Any]:
-    """Under torchrun: rank 0 makes the plan and hands it (or its error) to every rank."""
+    """Under torchrun: rank 0 makes the plan (holding the run's lock until it ends) and hands it (or its error) to
+    every rank."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by the torchrun agent: die with it
+        die_with_parent(os.getppid())
+    with ExitStack() as held:
+        return _torchrun_ranks(ws, cfg, run, resume, force, rank, world, local_rank, held)
+
+
+def _torchrun_ranks(ws, cfg, run, resume, force, rank: int, world: int, local_rank: int,
+                    held: ExitStack) -> dict[str, Any]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -189,7 +308,7 @@ def _torchrun_main(ws, cfg, run, resume, force, rank: int, world: int, local_ran
     box: list[Any] = [None]
     if rank == 0:
         try:
-            box[0] = make_plan(ws, cfg, run, resume, None, force, torchrun_world=world)
+            box[0] = make_plan(ws, cfg, run, resume, None, force, torchrun_world=world, held=held)
         except CMMAError as exc:
             box[0] = str(exc)
     torch.distributed.broadcast_object_list(box, src=0)

@@ -28,10 +28,10 @@ from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import BatchDataset, EpochBatches, MaterialSet, to_device
 from cmma_cli.model import build_model, read_checkpoint
-from cmma_cli.train.data import read_splits, usable
+from cmma_cli.train.data import data_identity, read_splits, usable
 from cmma_cli.train.runlog import RunLog, describe
 from cmma_cli.train.validation import validate
-from cmma_cli.workspace import RunFiles, Workspace, manifest_hash, require_stage
+from cmma_cli.workspace import RunFiles, Workspace, require_stage
 
 #: How long ranks wait for each other, e.g. while rank 0 embeds every text once for the frozen-text cache.
 DIST_TIMEOUT = datetime.timedelta(hours=4)
@@ -49,6 +49,7 @@ class Plan:
     device: str  # cuda | cpu
     world: int
     port: int = 0
+    parent: int = 0  # the launching process's pid (spawned ranks die with it)
 
 
 #: Steps between progress-bar / TensorBoard updates (reading the loss synchronises a GPU).
@@ -216,6 +217,7 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
     master = rank == 0
     processed = require_stage(ws.processed, "preprocess")
     ctx = Context(processed, cache_dir=ws.cache, show_progress=master)
+    data = data_identity(ws, processed) if master else {}  # what each checkpoint records of the data it trained on
 
     # data: rank 0 first (it fills the text cache), then the others
     predict = spec.get("predict")
@@ -239,8 +241,10 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
             console.print(f"[yellow]The train split has only {len(train_rows)} usable materials: batch size "
                           f"{cfg.batch_size} lowered to {batch_size} per process.[/]", highlight=False)
     if master and len(val_rows) == 0:
-        console.print("[yellow]The val split has no material with two modalities: no validation metrics; best.pt "
-                      "follows the training loss.[/]", highlight=False)
+        why = ("is empty (rerun `cmma preprocess --force` with a larger --val-fraction)" if val_table.num_rows == 0
+               else "has no material with two modalities")
+        console.print(f"[yellow]The val split {why}: no validation metrics; best.pt follows the training loss.[/]",
+                      highlight=False)
 
     trainer, start_epoch, best = _trainer(plan, cfg, spec, sets["train"], train_rows, batch_size, rank, device, master)
 
@@ -268,7 +272,7 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
                 log.checkpoint(epoch, {
                     "spec": spec, "config": as_dict(cfg), **trainer.state(),
                     "epoch": epoch, "best": best, "metrics": row, "world_size": world,
-                    "processed": manifest_hash(ws.processed)}, best=new_best is not None)
+                    "processed": data["manifest"], "data": data}, best=new_best is not None)
                 if val:
                     log.validated(epoch, row)
             _barrier(world)

@@ -93,7 +93,7 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.files, self.cfg = files, cfg
-        begin_stage(files.root)
+        begin_stage(files.root, lock=False)  # the launching process holds the run's lock (run_train)
         files.checkpoints.mkdir(parents=True, exist_ok=True)
         write_config_toml(cfg, files.config)
         self.rows: list[dict[str, Any]] = read_metrics(files.metrics, start_epoch)
