@@ -17,9 +17,9 @@ import pandas as pd
 from rich.table import Table
 
 from cmma_cli.config import FetchConfig, as_dict, validate
-from cmma_cli.console import console
+from cmma_cli.console import console, esc
 from cmma_cli.errors import CMMAError
-from cmma_cli.sources.schema import KNOWN_PROPERTIES, RawData, rejects_frame
+from cmma_cli.sources.schema import KNOWN_PROPERTIES, RawData, clear_non_finite, rejects_frame
 from cmma_cli.workspace import Workspace, begin_stage, is_up_to_date, read_manifest, write_manifest, write_table
 
 
@@ -100,6 +100,10 @@ def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force
     """
     cfg = resolve_source(validate(cfg), api_key)
     config = as_dict(cfg)
+    if cfg.endpoint:  # credentials in the URL (user:password@, ?api_key=) never reach the manifest
+        from cmma_cli.sources.materials_project import public_url
+
+        config["endpoint"] = public_url(cfg.endpoint)
     if cfg.source == "local":
         config["files"] = _fingerprint(cfg.paths)
     if not force and is_up_to_date(ws.raw, config):
@@ -117,6 +121,7 @@ def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force
         raw = apply_filters(raw, cfg)
     if raw.materials.empty:
         raise CMMAError("The filters matched no materials: loosen --elements/--chemsys/--max-sites/--stable-only.")
+    non_finite = clear_non_finite(raw.materials)  # inf in a property column: missing, and counted
 
     begin_stage(ws.raw)
     write_table(raw.materials, ws.raw / "materials.parquet")
@@ -135,10 +140,13 @@ def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force
     manifest = write_manifest(
         ws.raw, "fetch", config, rows=rows,
         extra={"source": cfg.source, "properties": _property_columns(raw), "counts": raw.counts,
-               "seconds": round(seconds, 2)},
+               "non_finite_values": non_finite, "seconds": round(seconds, 2)},
     )
     shutil.rmtree(partial_dir, ignore_errors=True)
     _print_summary(ws, cfg, rows, raw.counts, seconds)
+    if non_finite:
+        detail = ", ".join(f"{n} in {name}" for name, n in non_finite.items())
+        console.print(esc(f"Infinite property values were stored as missing: {detail}."), highlight=False)
     return manifest
 
 
@@ -149,7 +157,7 @@ def _property_columns(raw: RawData) -> list[str]:
 
 
 def _print_summary(ws: Workspace, cfg: FetchConfig, rows: dict[str, int], counts: dict[str, int], seconds: float) -> None:
-    table = Table(title=f"cmma fetch --source {cfg.source}  ->  {ws.raw}", title_justify="left")
+    table = Table(title=esc(f"cmma fetch --source {cfg.source}  ->  {ws.raw}"), title_justify="left")
     table.add_column("table")
     table.add_column("rows", justify="right")
     table.add_row("materials", f"{rows['materials']:,}")

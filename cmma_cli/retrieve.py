@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmma_cli.config import RetrieveConfig
 from cmma_cli.errors import CMMAError
-from cmma_cli.console import console
+from cmma_cli.console import console, esc
 from cmma_cli.workspace import MANIFEST, Workspace, manifest_hash, read_manifest, require_stage
 
 #: The query kind of an embedded material (its stored vector): ``--material ID``.
@@ -73,6 +74,33 @@ def _examples(flags: bool = False) -> list[str]:
         out.append((kind if m.query_positional else f"--{kind}") if flags else (m.query_example or f"--{kind} FILE"))
     return [*out, f"--{MATERIAL}" if flags else f"--{MATERIAL} ID"]
 
+
+
+#: A measured pattern query (``--pattern``) that covers less than this share of the processed 2-theta grid gets a
+#: warning with the share: the rest of its grid is zeros, and the hits still look normal.
+MIN_PATTERN_COVERAGE = 0.5
+#: The query option of a measured pattern, and the processed manifest's record of the grid it is put on.
+PATTERN_QUERY, PATTERN_GRID = "pattern", "xrd_grid"
+
+
+def pattern_coverage(path: Any, grid: dict[str, Any]) -> tuple[float, float, float] | None:
+    """``(share of the grid covered, first, last 2-theta)`` of the pattern file at ``path`` on ``grid`` (the
+    processed manifest's ``two_theta_min`` / ``two_theta_max``); None when either cannot be read."""
+    from pathlib import Path
+
+    from cmma_cli.modalities.xrd.patterns import read_two_columns
+
+    try:
+        lo, hi = float(grid["two_theta_min"]), float(grid["two_theta_max"])
+        x, _ = read_two_columns(Path(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if not x.size or not hi > lo:
+        return None
+    covered = max(0.0, min(float(x.max()), hi) - max(float(x.min()), lo))
+    return covered / (hi - lo), float(x.min()), float(x.max())
 
 
 #: The processed properties shown with every result (where the data has them).
@@ -197,12 +225,13 @@ class Result:
     index_size: int
     rows: list[dict[str, Any]]
     timing_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what makes these hits less trustworthy than they look
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` document."""
         return {"run": self.run, "query": self.query, "from": self.source, "to": self.target, "k": self.k,
                 "filters": self.filters, "index_size": self.index_size, "timing_ms": self.timing_ms,
-                "results": self.rows}
+                "results": self.rows, **({"warnings": self.warnings} if self.warnings else {})}
 
 
 def newest_embeddings(ws: Workspace) -> str:
@@ -245,8 +274,8 @@ class Retriever:
         self.manifest = require_stage(self.dir, "embed")
         recorded = self.manifest.get("inputs", {}).get("preprocess")
         if recorded and (ws.processed / MANIFEST).is_file() and manifest_hash(ws.processed) != recorded:
-            console.print(f"[yellow]processed/ changed after the embeddings of run {self.run} were made: properties "
-                          f"may not match; run `cmma embed --run {self.run} --force`.[/]",
+            console.print(f"[yellow]processed/ changed after the embeddings of run {esc(self.run)} were made: properties "
+                          f"may not match; run `cmma embed --run {esc(self.run)} --force`.[/]",
                           highlight=False, soft_wrap=True)
         self.modalities: list[str] = list(self.manifest["modalities"])
         self.tables = [t for t in targets() if (self.dir / f"{t}.parquet").is_file() and (self.dir / f"{t}.faiss").is_file()]
@@ -272,14 +301,22 @@ class Retriever:
                 import faiss
 
                 faiss.omp_set_num_threads(self.threads)
-            self._indexes[name] = load_index(self.dir / f"{name}.faiss")
+            try:
+                self._indexes[name] = load_index(self.dir / f"{name}.faiss")
+            except RuntimeError as exc:  # FAISS's answer to a damaged or foreign file
+                raise CMMAError(f"{self.dir / f'{name}.faiss'} is not a readable index ({str(exc).splitlines()[0][:80]}): "
+                                f"run `cmma embed --run {self.run} --force` to rebuild it.") from None
         return self._indexes[name]
 
     def ids(self, name: str) -> pd.DataFrame:
         """The id columns of table ``name``: row i describes row i of its index."""
         if name not in self._ids:
-            columns = [c for c in pq.ParquetFile(self.dir / f"{name}.parquet").schema_arrow.names if c != "embedding"]
-            self._ids[name] = pq.read_table(self.dir / f"{name}.parquet", columns=columns).to_pandas()
+            from cmma_cli.evaluate.data import read_artifact
+
+            path, rebuild = self.dir / f"{name}.parquet", f"cmma embed --run {self.run} --force"
+            columns = [c for c in read_artifact(path, None, rebuild, schema_only=True) if c != "embedding"]
+            self._ids[name] = read_artifact(path, columns if "material_id" in columns else ["material_id", *columns],
+                                            rebuild)
         return self._ids[name]
 
     def vectors(self, name: str) -> tuple[pd.Index, np.ndarray]:
@@ -287,7 +324,12 @@ class Retriever:
         if name not in self._vectors:
             from cmma_cli.embeddings import read_vectors
 
-            table, vectors = read_vectors(self.dir / f"{name}.parquet", ["material_id"])
+            path = self.dir / f"{name}.parquet"
+            try:
+                table, vectors = read_vectors(path, ["material_id"])
+            except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as exc:
+                raise CMMAError(f"{path} is not a readable embeddings table ({type(exc).__name__}): run "
+                                f"`cmma embed --run {self.run} --force` to rebuild it.") from None
             self._vectors[name] = (pd.Index(table.column("material_id").to_pylist()), vectors)
         return self._vectors[name]
 
@@ -299,11 +341,18 @@ class Retriever:
                 raise CMMAError(f"{path} is missing, so results cannot show properties: run `cmma preprocess` first.")
             from cmma_cli.properties import non_property
 
-            schema = pq.ParquetFile(path).schema_arrow
+            from cmma_cli.evaluate.data import read_artifact
+
+            rebuild = "cmma preprocess --force"
+            try:
+                schema = pq.ParquetFile(path).schema_arrow
+            except (pa.ArrowException, OSError) as exc:
+                raise CMMAError(f"{path} is not a readable Parquet file ({type(exc).__name__}): run `{rebuild}` to "
+                                "rebuild it.") from None
             skip = non_property() - {"material_id", "formula"}  # modality data and the raw structure and source
             columns = [f.name for f in schema if f.name not in skip and not (
                 f.type.num_fields or str(f.type).startswith(("list", "large_list", "struct")))]
-            frame = pq.read_table(path, columns=columns).to_pandas()
+            frame = read_artifact(path, columns if "material_id" in columns else ["material_id", *columns], rebuild)
             frame["material_id"] = frame["material_id"].astype(str)
             self._properties = frame.drop_duplicates("material_id").set_index("material_id")
         return self._properties
@@ -459,7 +508,20 @@ class Retriever:
         timing = {"load": round(self.load_seconds * 1000, 3), "encode": round((t1 - t0) * 1000, 3),
                   "search": round((t2 - t1) * 1000, 3)}
         return Result(self.run, query.describe(), source, target, k, [str(f) for f in parsed],
-                      int(self.index(target).ntotal), rows, timing)
+                      int(self.index(target).ntotal), rows, timing, self.query_warnings(query))
+
+    def query_warnings(self, query: Query) -> list[str]:
+        """Sentences about a query that make its hits less trustworthy: a measured pattern covering little of the grid."""
+        if query.kind != PATTERN_QUERY:
+            return []
+        grid = (read_manifest(self.ws.processed) or {}).get(PATTERN_GRID)
+        found = pattern_coverage(query.value, grid) if grid else None
+        if found is None or found[0] >= MIN_PATTERN_COVERAGE:
+            return []
+        share, first, last = found
+        return [f"The pattern {query.value} covers 2-theta {first:.1f}-{last:.1f} degrees, {share:.0%} of the "
+                f"{float(grid['two_theta_min']):g}-{float(grid['two_theta_max']):g} degree grid the run compares it on "
+                "(the rest is zeros): these hits rest on that part alone, so measure a wider range if you can."]
 
 
 def search(ws: Workspace, query: Query, cfg: RetrieveConfig) -> Result:
@@ -477,8 +539,8 @@ def render(result: Result):
     """A rich table of the results: rank, id, formula, score, crystal system and the key properties."""
     from rich.table import Table
 
-    title = (f"{result.query['kind']} -> {result.target} ({result.index_size} vectors, run {result.run})"
-             + (f", filters {' '.join(result.filters)}" if result.filters else ""))
+    title = esc(f"{result.query['kind']} -> {result.target} ({result.index_size} vectors, run {result.run})"
+                + (f", filters {' '.join(result.filters)}" if result.filters else ""))
     from cmma_cli.embeddings import extra_tables
 
     row_key = extra_tables().get(result.target)  # a table whose rows are not materials (recipes): their id first
@@ -496,7 +558,7 @@ def render(result: Result):
     for key in shown:
         table.add_column(_FORMATS[key][0], justify="right")
     for key in extra:
-        table.add_column(key, justify="right")
+        table.add_column(esc(key), justify="right")
     if result.target == UNIFIED:
         table.add_column("modalities")
     for r in result.rows:
@@ -508,7 +570,7 @@ def render(result: Result):
         cells += ["" if r.get(k) is None else str(r[k]) for k in extra]
         if result.target == UNIFIED:
             cells.append(",".join(r.get("modalities") or []))
-        table.add_row(*cells)
+        table.add_row(*(esc(c) for c in cells))  # ids, formulas, values: the user's data, never markup
     return table
 
 
@@ -524,12 +586,14 @@ def run_retrieve(ws: Workspace, query: Query, cfg: RetrieveConfig, as_json: bool
     from rich.console import Console
 
     result = search(ws, query, cfg)
+    for warning in result.warnings:
+        console.print(f"[yellow]Warning:[/] {esc(warning)}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(to_json(result) + "\n")
         return result
     if not result.rows:
-        console.print(f"No {result.target} entry of run {result.run} passes the filters {' '.join(result.filters)}: "
-                      "loosen them.", highlight=False, soft_wrap=True)
+        console.print(esc(f"No {result.target} entry of run {result.run} passes the filters {' '.join(result.filters)}: "
+                          "loosen them."), highlight=False, soft_wrap=True)
         return result
     out = Console(width=None if sys.stdout.isatty() else 160)
     out.print(render(result))

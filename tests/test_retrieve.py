@@ -181,7 +181,7 @@ def test_unreadable_or_missing_files_get_one_sentence(retriever, tmp_path):
         retriever.query(Query(structure=tmp_path / "absent.cif"))
     noise = tmp_path / "noise.xy"
     noise.write_text("2theta intensity\nten twenty\n")
-    with pytest.raises(CMMAError, match=r"Could not read the XRD pattern .*noise.xy \(fewer than 10 numeric"):
+    with pytest.raises(CMMAError, match=r"Could not read the XRD pattern .*noise.xy: no numeric \(2-theta, intensity\) rows"):
         retriever.query(Query(pattern=noise))
     with pytest.raises(CMMAError, match=r"The pattern file .*absent.xy does not exist"):
         retriever.query(Query(pattern=tmp_path / "absent.xy"))

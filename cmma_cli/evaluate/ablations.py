@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from cmma_cli.config import EmbedConfig, EvaluateConfig, TrainConfig, as_dict, from_dict
-from cmma_cli.console import console
+from cmma_cli.console import console, esc
 from cmma_cli.errors import CMMAError
 from cmma_cli.evaluate.data import UNIFIED, EvalData, Embeddings, load_eval_data, resolve_run
 from cmma_cli.evaluate.probes import fit_regression, split_parts
@@ -142,7 +142,7 @@ def run_ablation(ws: Workspace, cfg: EvaluateConfig, kind: str, force: bool = Fa
         base = base_config(data)
         for label, train_cfg in variants(kind, base, cfg):
             name = f"{run}-ablate-{kind}-{label.replace(' ', '-').replace(':', '').replace('=', '').replace('+', '-')}"
-            console.print(f"[bold]Ablation {kind}: {label}[/] (run {name})", highlight=False)
+            console.print(f"[bold]Ablation {kind}: {esc(label)}[/] (run {esc(name)})", highlight=False)
             if force or not _trained(ws, name, train_cfg):
                 api.train(ws, train_cfg, run=name, force=True)
             api.embed(ws, EmbedConfig(run=name, device=cfg.device), force=force)
@@ -163,9 +163,9 @@ def run_ablation(ws: Workspace, cfg: EvaluateConfig, kind: str, force: bool = Fa
     table = Table(title=f"Ablation {kind} (test split)", title_justify="left")
     table.add_column("metric")
     for r in rows:
-        table.add_column(r["variant"], justify="right")
+        table.add_column(esc(r["variant"]), justify="right")
     for c in columns:
         table.add_row(c, *(fmt(r.get(c)) for r in rows))
     console.print(table)
-    console.print(f"Written: {out / f'ablation-{kind}.md'}", highlight=False)
+    console.print(esc(f"Written: {out / f'ablation-{kind}.md'}"), highlight=False)
     return result

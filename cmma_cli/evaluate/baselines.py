@@ -43,8 +43,7 @@ DESCRIPTION = (
     "Supervised models trained directly on each property or class label, on the same train split, with the run's "
     "own encoder settings and an MLP head (epoch chosen on val: lowest MAE, highest macro F1): one per modality, "
     "intermediate fusion (all encoders' outputs concatenated into one head, trained end to end) and late fusion "
-    "(the mean of the single-modality predictions or class probabilities). They appear in the property and "
-    "classification tables above, below the CMMA probes."
+    "(the mean of the single-modality predictions or class probabilities)."
 )
 
 

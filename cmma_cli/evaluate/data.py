@@ -27,6 +27,27 @@ SYNTHESIS = "synthesis"
 EMBEDDINGS = "embeddings"
 
 
+def read_artifact(path: Path, columns: list[str] | None, rebuild: str, schema_only: bool = False):
+    """A Parquet artifact as a DataFrame (``schema_only``: its column names), or one sentence naming the file and
+    the command that rebuilds it when it is not Parquet, is damaged, or lacks ``columns`` (another tool's file)."""
+    import pyarrow as pa
+
+    try:
+        if schema_only:
+            return pq.ParquetFile(path).schema_arrow.names
+        names = pq.ParquetFile(path).schema_arrow.names
+        missing = [c for c in columns or [] if c not in names]
+        if missing:
+            raise CMMAError(f"{path} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)} (it was not written "
+                            f"by this version of cmma): run `{rebuild}` to rebuild it.")
+        return read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise CMMAError(f"{path} is missing: run `{rebuild}` to rebuild it.") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CMMAError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {str(exc)[:100]}): run "
+                        f"`{rebuild}` to rebuild it.") from None
+
+
 def material_tables() -> tuple[str, ...]:
     """Embedding tables that are one row per material (everything but ``synthesis``), in report order:
     ``unified``, then every registered modality."""
@@ -91,8 +112,9 @@ def _vectors(frame: pd.DataFrame, path: Path) -> np.ndarray:
         return np.zeros((0, 0), dtype=np.float32)
     try:
         return np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"]])
-    except ValueError:
-        raise CMMAError(f"{path} holds embeddings of different lengths: run `cmma embed --force`.") from None
+    except (ValueError, TypeError):
+        raise CMMAError(f"{path} holds embeddings that are not number vectors of one length: run "
+                        "`cmma embed --force`.") from None
 
 
 def load_eval_data(ws: Workspace, run: str) -> EvalData:
@@ -104,12 +126,15 @@ def load_eval_data(ws: Workspace, run: str) -> EvalData:
     splits_path = ws.processed / "splits.parquet"
     if not materials_path.exists() or not splits_path.exists():
         raise CMMAError(f"{ws.processed} lacks materials.parquet or splits.parquet: run `cmma preprocess --force`.")
-    names = pq.ParquetFile(materials_path).schema_arrow.names
+    rebuild = "cmma preprocess --force"
+    names = read_artifact(materials_path, None, rebuild, schema_only=True)
     skip = non_property() - {"material_id", "formula", "elements"}
     light = [c for c in names if c not in skip]
-    materials = read_table(materials_path, columns=light)
+    if "material_id" not in light:
+        read_artifact(materials_path, ["material_id"], rebuild)  # the sentence for a foreign table
+    materials = read_artifact(materials_path, light, rebuild)
     materials["material_id"] = materials["material_id"].astype(str)
-    splits = read_table(splits_path)
+    splits = read_artifact(splits_path, ["material_id", "split", "group"], rebuild)
     splits["material_id"] = splits["material_id"].astype(str)
     materials = materials.merge(splits[["material_id", "split", "group"]], on="material_id", how="inner")
 
@@ -117,14 +142,14 @@ def load_eval_data(ws: Workspace, run: str) -> EvalData:
     for name in material_tables():
         path = emb_dir / f"{name}.parquet"
         if path.exists():
-            frame = read_table(path, columns=["material_id", "embedding"])
+            frame = read_artifact(path, ["material_id", "embedding"], f"cmma embed --run {run} --force")
             tables[name] = Embeddings(frame["material_id"].astype(str).to_numpy(), _vectors(frame, path))
     if UNIFIED not in tables:
         raise CMMAError(f"{emb_dir} has no unified.parquet: run `cmma embed --run {run} --force`.")
     synthesis, synthesis_vectors = None, None
     path = emb_dir / f"{SYNTHESIS}.parquet"
     if path.exists():
-        frame = read_table(path, columns=["recipe_id", "material_id", "embedding"])
+        frame = read_artifact(path, ["recipe_id", "material_id", "embedding"], f"cmma embed --run {run} --force")
         synthesis_vectors = _vectors(frame, path)
         synthesis = frame[["recipe_id", "material_id"]].astype(str).reset_index(drop=True)
     candidates = list(processed.get("properties", [])) or [c for c in materials.columns]

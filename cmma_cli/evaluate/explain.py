@@ -175,7 +175,7 @@ def run_explain_examples(ws: Workspace, data: EvalData, cfg: Any, figures: Path)
 
 def run_explain(ws: Workspace, cfg: Any, material_id: str) -> dict[str, Any]:
     """``cmma evaluate --explain ID``: one material's attributions, printed and written to ``reports/<run>/explain/``."""
-    from cmma_cli.console import console
+    from cmma_cli.console import console, esc
     from cmma_cli.evaluate.data import load_eval_data, resolve_run
     from cmma_cli.evaluate.report import describe_pair, render_explanation
     from cmma_cli.workspace import write_json
@@ -191,9 +191,9 @@ def run_explain(ws: Workspace, cfg: Any, material_id: str) -> dict[str, Any]:
              DESCRIPTION, ""] + render_explanation(result, figure_prefix="")
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     for pair in result["pairs"]:
-        console.print(f"[bold]{material_id} ({result['formula']}), {pair['pair']}[/]: cosine {pair['similarity']:.3f}",
+        console.print(f"[bold]{esc(material_id)} ({esc(result['formula'])}), {pair['pair']}[/]: cosine {pair['similarity']:.3f}",
                       highlight=False)
         for line in describe_pair(pair, markdown=False):
-            console.print(line, highlight=False)
-    console.print(f"Written: {folder / (stem + '.md')} (with figures).", highlight=False)
+            console.print(esc(line), highlight=False)
+    console.print(esc(f"Written: {folder / (stem + '.md')} (with figures)."), highlight=False)
     return result

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from cmma_cli.config import EvaluateConfig, as_dict, flat_dict, validate
-from cmma_cli.console import console, progress
+from cmma_cli.console import console, esc, progress
 from cmma_cli.errors import CMMAError
 from cmma_cli.evaluate.data import EvalData, load_eval_data, resolve_run
 from cmma_cli.evaluate.probes import CLASSIFICATION_TASKS
@@ -77,7 +77,7 @@ def run_evaluate(ws: Workspace, cfg: EvaluateConfig, force: bool = False) -> dic
     if not force and is_up_to_date(out, config, inputs) and (out / "metrics.json").exists():
         import json
 
-        console.print(f"reports/{run} is up to date with these embeddings and options: skipped (use --force to redo).",
+        console.print(f"reports/{esc(run)} is up to date with these embeddings and options: skipped (use --force to redo).",
                       highlight=False)
         metrics = json.loads((out / "metrics.json").read_text())
         print_summary(metrics, str(out / "report.md"))
@@ -85,6 +85,10 @@ def run_evaluate(ws: Workspace, cfg: EvaluateConfig, force: bool = False) -> dic
 
     started = time.perf_counter()
     data = load_eval_data(ws, run)
+    if len(data.split_ids("test")) == 0:
+        raise CMMAError(f"The test split in {ws.processed} is empty (0 of {len(data.materials)} materials), so there is "
+                        "nothing to evaluate on: rerun `cmma preprocess --force` with a --test-fraction above 0 (and "
+                        "enough materials to fill it), then `cmma train` and `cmma embed` again.")
     unknown = sorted(set(cfg.baseline_properties) - set(data.numeric_properties) - {"none"})
     if unknown:
         raise CMMAError(f"--baseline-properties names {', '.join(unknown)}, which the processed data does not have as "
@@ -95,7 +99,7 @@ def run_evaluate(ws: Workspace, cfg: EvaluateConfig, force: bool = False) -> dic
     for old in figures.glob("*.png"):
         old.unlink()
     metrics: dict[str, Any] = {"run": run_info(ws, data, cfg)}
-    console.print(f"Evaluating run {run} on {metrics['run']['splits']['test']['materials']} test materials "
+    console.print(f"Evaluating run {esc(run)} on {metrics['run']['splits']['test']['materials']} test materials "
                   f"(sections: {', '.join(cfg.sections)}).", highlight=False)
 
     if "probes" in cfg.sections:

@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.table import Table
 
-from cmma_cli.console import console
+from cmma_cli.console import console, esc
 
-REGRESSION_MODELS = ("dummy", "ridge", "mlp")
+REGRESSION_MODELS = ("dummy", "dummy_median", "ridge", "mlp")
 CLASSIFICATION_MODELS = ("dummy", "logistic", "mlp")
 
 
@@ -55,6 +55,9 @@ def target_rows(metrics: dict[str, Any], kind: str, target: str) -> list[list[An
     if "unified" in by_table:
         s = by_table["unified"]["dummy"]
         rows.append([dummy, "-", *(s[k] for k in keys), s["n"]])
+        if kind == "regression" and "dummy_median" in by_table["unified"]:  # reports made before it lack it
+            s = by_table["unified"]["dummy_median"]
+            rows.append(["dummy (train median)", "-", *(s[k] for k in keys), s["n"]])
     for table, scores in by_table.items():
         for model in models:
             s = scores[model]
@@ -95,7 +98,8 @@ def verdict_rows(metrics: dict[str, Any], kind: str = "regression") -> list[list
                 verdict = f"CMMA better by {-gap:.0%}" if gap < 0 else f"fusion better by {gap:.0%}"
             else:
                 verdict = f"CMMA better by {ours - theirs:.3f}" if ours > theirs else f"fusion better by {theirs - ours:.3f}"
-        rows.append([target, uni["dummy"][key], uni[linear][key], uni["mlp"][key],
+        dummies = [uni["dummy"][key]] + ([uni.get("dummy_median", {}).get(key)] if kind == "regression" else [])
+        rows.append([target, *dummies, uni[linear][key], uni["mlp"][key],
                      f"{fmt(best_single[1][key])} ({best_single[0]})" if best_single else "-",
                      fusion[key] if fusion else None, base.get("late fusion", {}).get(key), verdict])
     return rows
@@ -122,6 +126,14 @@ def retrieval_header(ks: list[int]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- markdown
 
+#: What the baselines' description said before it stopped assuming probe tables above it (old metrics.json).
+_OLD_PLACEMENT = " They appear in the property and classification tables above, below the CMMA probes."
+
+
+def _has_rows(baselines: dict[str, Any]) -> bool:
+    return any(baselines.get(kind) for kind in ("regression", "classification"))
+
+
 
 def render_markdown(metrics: dict[str, Any]) -> str:
     """The whole ``report.md``."""
@@ -144,13 +156,17 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     if probes is not None:
         out += ["## Property probes (regression)", "",
                 "Ridge (penalty chosen on val) and a one-hidden-layer MLP fitted on the train split's frozen "
-                "embeddings, scored on test; the dummy predicts the train mean. Supervised baselines, where run, "
+                "embeddings, scored on test; one dummy predicts the train mean, the other the train median (on a "
+                "target that is mostly one value, such as band gaps that are mostly 0, the median dummy is the floor "
+                "to beat). Supervised baselines, where run, "
                 "are trained on the same split with the same encoders and scored on the same test materials "
                 "that have their inputs.", ""]
         for prop in probes["regression"]:
             out += [f"### {prop}", "", md_table(["model", "embedding / input", "MAE", "RMSE", "R²", "n test"],
                                                 target_rows(metrics, "regression", prop)), ""]
-        out += ["## Classification probes", ""]
+        out += ["## Classification probes", "",
+                "Logistic regression (penalty chosen on val) and an MLP, scored on test beside a dummy that always "
+                "predicts the train split's majority class.", ""]
         for task, source in probes.get("label_sources", {}).items():
             if task in probes["classification"]:
                 out += [f"### {task} (labels: {source})", "",
@@ -190,20 +206,29 @@ def render_markdown(metrics: dict[str, Any]) -> str:
 
     baselines = metrics.get("baselines")
     if baselines is not None:
-        out += ["## Baselines", "", baselines.get("description", ""), ""]
+        description = baselines.get("description", "").replace(_OLD_PLACEMENT, "").rstrip()
+        if probes is not None:  # the per-target tables of the probe sections carry the baselines' rows
+            description += (" They appear in the property and classification tables above, below the CMMA probes."
+                             if _has_rows(baselines) else "")
+        out += ["## Baselines", "", description.strip(), ""]
+        if probes is None:  # no probe tables in this report: the baselines' own tables, target by target
+            for kind, header in (("regression", ["model", "input", "MAE", "RMSE", "R²", "n test"]),
+                                 ("classification", ["model", "input", "accuracy", "macro F1", "ROC AUC", "n test"])):
+                for target in baselines.get(kind, {}):
+                    out += [f"### {target}", "", md_table(header, target_rows(metrics, kind, target)), ""]
         rows = verdict_rows(metrics, "regression")
         if rows:
             out += ["CMMA against the baselines, property by property (test MAE; lower is better). The verdict "
                     "compares two models fixed in advance, the CMMA MLP probe on the unified embedding and "
                     "intermediate fusion, which both see every modality:", "",
-                    md_table(["property", "dummy", "CMMA ridge (unified)", "CMMA MLP (unified)",
+                    md_table(["property", "dummy (mean)", "dummy (median)", "CMMA ridge (unified)", "CMMA MLP (unified)",
                               "best supervised single-modality", "intermediate fusion", "late fusion", "verdict"],
                              rows), ""]
         rows = verdict_rows(metrics, "classification")
         if rows:
             out += ["The same for the classification tasks (test macro F1; higher is better; the verdict again "
                     "compares the CMMA MLP probe on the unified embedding with intermediate fusion):", "",
-                    md_table(["task", "dummy", "CMMA logistic (unified)", "CMMA MLP (unified)",
+                    md_table(["task", "dummy (majority)", "CMMA logistic (unified)", "CMMA MLP (unified)",
                               "best supervised single-modality", "intermediate fusion", "late fusion", "verdict"],
                              rows), ""]
         if baselines.get("skipped"):
@@ -275,7 +300,8 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
     probes = metrics.get("probes")
     if probes and probes["regression"]:
         table = Table(title="Property probes on the test split: MAE (R²)", title_justify="left")
-        for col in ("property", "n", "dummy", "CMMA ridge, unified", "best CMMA probe", "best supervised baseline"):
+        for col in ("property", "n", "dummy mean / median", "CMMA ridge, unified", "best CMMA probe",
+                    "best supervised baseline"):
             table.add_column(col, justify="left" if col == "property" else "right")
         baselines = metrics.get("baselines", {}).get("regression", {})
         for prop, by_table in probes["regression"].items():
@@ -283,7 +309,8 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
             uni = by_table.get("unified", {}).get("ridge")
             probes_all = [(s[m], f"{m} {t}") for t, s in by_table.items() for m in ("ridge", "mlp")]
             best_probe = min(probes_all, key=lambda p: p[0]["mae"])
-            cells = [prop, str(first["n_test"]), fmt(first["dummy"]["mae"]),
+            median = first.get("dummy_median", {}).get("mae")
+            cells = [prop, str(first["n_test"]), fmt(first["dummy"]["mae"]) + (f" / {fmt(median)}" if median is not None else ""),
                      f"{fmt(uni['mae'])} ({fmt(uni['r2'], 2)})" if uni else "-",
                      f"{fmt(best_probe[0]['mae'])} ({fmt(best_probe[0]['r2'], 2)}) {best_probe[1]}"]
             if baselines.get(prop):
@@ -291,12 +318,12 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
                 cells.append(f"{fmt(s['mae'])} ({fmt(s['r2'], 2)}) {name}")
             else:
                 cells.append("-")
-            table.add_row(*cells)
+            table.add_row(*(esc(c) for c in cells))  # property names come from the user's tables
         console.print(table)
     if probes and probes["classification"]:
         table = Table(title="Classification probes on the test split (logistic, unified: accuracy / macro F1 / AUC)",
                       title_justify="left")
-        for col in ("task", "dummy acc", "accuracy", "macro F1", "ROC AUC", "n", "best supervised (F1)"):
+        for col in ("task", "majority acc", "accuracy", "macro F1", "ROC AUC", "n", "best supervised (F1)"):
             table.add_column(col, justify="left" if col == "task" else "right")
         baselines = metrics.get("baselines", {}).get("classification", {})
         for task, by_table in probes["classification"].items():
@@ -305,7 +332,7 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
             if baselines.get(task):
                 name, b = max(baselines[task].items(), key=lambda kv: kv[1]["macro_f1"])
                 best = f"{fmt(b['macro_f1'])} {name}"
-            table.add_row(task, fmt(s["dummy"]["accuracy"]), fmt(s["logistic"]["accuracy"]),
+            table.add_row(esc(task), fmt(s["dummy"]["accuracy"]), fmt(s["logistic"]["accuracy"]),
                           fmt(s["logistic"]["macro_f1"]), fmt(s["logistic"]["roc_auc"]), str(s["n_test"]), best)
         console.print(table)
     retrieval = metrics.get("retrieval")
@@ -318,7 +345,7 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
         table.add_column("MRR", justify="right")
         table.add_column("median rank", justify="right")
         for pair, s in retrieval["pairs"].items():
-            table.add_row(pair, str(s["queries"]), *(f"{s[f'recall@{k}']:.3f} / {s[f'chance_recall@{k}']:.3f}" for k in ks),
+            table.add_row(esc(pair), str(s["queries"]), *(f"{s[f'recall@{k}']:.3f} / {s[f'chance_recall@{k}']:.3f}" for k in ks),
                           f"{s['mrr']:.3f} / {s['chance_mrr']:.3f}", f"{s['median_rank']:.0f} / {s['chance_median_rank']:.0f}")
         console.print(table)
     synthesis = metrics.get("synthesis")
@@ -327,10 +354,10 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
         for col in ("material side", "recipes", "true pairs", "AUC random", "AUC hard"):
             table.add_column(col, justify="left" if col == "material side" else "right")
         for m, s in synthesis["by_modality"].items():
-            table.add_row(m, str(s["recipes"]), str(s["true_pairs"]), fmt(s["auc_random"]), fmt(s["auc_hard"]))
+            table.add_row(esc(m), str(s["recipes"]), str(s["true_pairs"]), fmt(s["auc_random"]), fmt(s["auc_hard"]))
         console.print(table)
     latent = metrics.get("latent")
     if latent and latent.get("purity"):
         parts = ", ".join(f"{t} {s['purity']:.3f} (chance {s['chance']:.3f})" for t, s in latent["purity"].items())
         console.print(f"Crystal-system neighbourhood purity: {parts}.", highlight=False)
-    console.print(f"Report: {report_path}", highlight=False)
+    console.print(esc(f"Report: {report_path}"), highlight=False)

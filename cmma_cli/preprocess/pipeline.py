@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from cmma_cli.config import PreprocessConfig, as_dict, validate as validate_settings
-from cmma_cli.console import console, progress
+from cmma_cli.console import console, esc, progress
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities import REGISTRY
 from cmma_cli.modalities.base import GatherContext
 from cmma_cli.preprocess.inputs import folder_fingerprint
 from cmma_cli.preprocess.splits import SPLITS, assign_splits
-from cmma_cli.preprocess.stream import Tally, featurized_chunks, modality_fields, modality_table, raw_chunks, worker_pool
+from cmma_cli.preprocess.stream import Tally, clear_non_finite, featurized_chunks, modality_fields, modality_table, raw_chunks, worker_pool
 from cmma_cli.sources.schema import MATERIAL_COLUMNS, REJECT_COLUMNS, STRUCTURE_COLUMN
 from cmma_cli.workspace import (
     ParquetStream,
@@ -49,10 +49,12 @@ REJECTS_FILE = "rejects.parquet"
 def validate(cfg: PreprocessConfig) -> None:
     """Check every option, the stage's own and each modality's; one sentence per mistake."""
     validate_settings(cfg)
-    for name in ("max_sites", "workers"):
+    for name in ("max_sites", "max_reflections", "workers"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise CMMAError(f"--{name.replace('_', '-')} must be at least 1 (or left out), not {value}.")
+    if cfg.max_volume is not None and not cfg.max_volume > 0:
+        raise CMMAError(f"--max-volume must be a positive volume in cubic Angstrom (or left out), not {cfg.max_volume}.")
     if not 1 <= cfg.chunk_size <= 100_000:  # list offsets are int32: keep a chunk's values below 2**31
         raise CMMAError(f"--chunk-size must be between 1 and 100000 materials, not {cfg.chunk_size}.")
     if not (0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1 and cfg.val_fraction + cfg.test_fraction < 1):
@@ -112,7 +114,7 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
     config = stage_config(cfg)
     if not force and is_up_to_date(ws.processed, config, [ws.raw]):
         console.print(
-            f"processed/ in {ws.root} is up to date with raw/ and this config: skipped (use --force to redo)."
+            f"processed/ in {esc(ws.root)} is up to date with raw/ and this config: skipped (use --force to redo)."
         )
         return read_manifest(ws.processed)
 
@@ -135,12 +137,13 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
     properties = [name for name in base_schema.names if name not in MATERIAL_COLUMNS]
     tally = Tally(modalities)
     out = ParquetStream(ws.processed / MATERIALS, schema)
+    non_finite: dict[str, int] = {}
     try:
         with worker_pool(workers, cfg, modalities) as pool, progress() as bar:
             task = bar.add_task(f"Featurizing ({workers} worker{'s' * (workers > 1)})", total=len(ids))
             chunks = raw_chunks(raw_materials, cfg.chunk_size, linked, rejects)
             for base, results in featurized_chunks(chunks, cfg, modalities, pool, workers, lambda n: bar.advance(task, n)):
-                table = modality_table(base, results, modalities).cast(schema)
+                table = modality_table(clear_non_finite(base, non_finite), results, modalities).cast(schema)
                 out.write(table)
                 tally.add(table, results)
         out.close()
@@ -149,6 +152,7 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
         raise
 
     splits = assign_splits(identity, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.split_by)
+    fallback = bool(splits.attrs.get("fallback"))
     write_table(splits, ws.processed / SPLITS_FILE)
     rejects.extend(tally.rejects)
     write_table(pd.DataFrame(rejects, columns=REJECT_COLUMNS).astype(str), ws.processed / REJECTS_FILE)
@@ -174,18 +178,26 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
             "properties": properties,
             "modalities": counted,
             "splits": split_counts,
-            "split_by": cfg.split_by,
+            "split_by": "material" if fallback else cfg.split_by,
+            **({"split_fallback": f"too few distinct {cfg.split_by} groups ({splits['group'].nunique()}) to fill "
+                                  "val and test: split material by material"} if fallback else {}),
             "rejects": {str(k): int(v) for k, v in reject_counts.items()},
+            "non_finite_values": non_finite,
             "run": {"workers": workers, "seconds": round(seconds, 2)},
         },
     )
-    _summary(ws, flags, tally, rejects, reject_counts, seconds, len(ids))
+    _summary(ws, flags, tally, rejects, reject_counts, seconds, len(ids),
+             (cfg.split_by, int(splits["group"].nunique())) if fallback else None)
+    if non_finite:
+        detail = ", ".join(f"{n} in {name}" for name, n in non_finite.items())
+        console.print(esc(f"Infinite property values were stored as missing: {detail}."), highlight=False)
     return manifest
 
 
-def _summary(ws: Workspace, flags: pd.DataFrame, tally: Tally, rejects, reject_counts, seconds: float, n: int) -> None:
+def _summary(ws: Workspace, flags: pd.DataFrame, tally: Tally, rejects, reject_counts, seconds: float, n: int,
+             fallback: tuple[str, int] | None = None) -> None:
     labels = list(tally.labels())
-    table = Table(title=f"processed/ in {ws.root}: materials per split and modality", title_justify="left")
+    table = Table(title=esc(f"processed/ in {ws.root}: materials per split and modality"), title_justify="left")
     table.add_column("split")
     table.add_column("materials", justify="right")
     for name in labels:
@@ -197,10 +209,15 @@ def _summary(ws: Workspace, flags: pd.DataFrame, tally: Tally, rejects, reject_c
     for modality in tally.modalities:
         for note in modality.notes(tally.counts):
             console.print(note, highlight=False)
+    if fallback:
+        by, groups = fallback
+        console.print(f"[yellow]Split per material[/]: the {n} materials have only {groups} distinct {by} "
+                      f"group{'s' * (groups != 1)}, too few to fill val and test, so materials were split one by one "
+                      f"(val and test share {by}s with train: scores there are optimistic).", highlight=False)
     for split in SPLITS:
         if not (flags["split"] == split).any():
             console.print(f"[yellow]The {split} split is empty[/]: too few distinct groups for the fractions asked.")
     if rejects:
         detail = ", ".join(f"{v} {k}" for k, v in reject_counts.items())
-        console.print(f"{len(rejects)} rejects ({detail}), reasons in {ws.processed / REJECTS_FILE}.")
+        console.print(esc(f"{len(rejects)} rejects ({detail}), reasons in {ws.processed / REJECTS_FILE}."), highlight=False)
     console.print(f"Preprocessed {n} materials in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} materials/s).")

@@ -41,6 +41,23 @@ def modality_table(base: pa.Table, results: list[Featurized], modalities: list[M
     return base
 
 
+def clear_non_finite(table: pa.Table, counts: dict[str, int]) -> pa.Table:
+    """``table`` with every infinite value of its floating-point columns made null (``counts[column]`` adds how
+    many): a raw table from an older fetch may still hold the ``inf`` of a user's CSV."""
+    import pyarrow.compute as pc
+
+    for i, f in enumerate(table.schema):
+        if not pa.types.is_floating(f.type):
+            continue
+        column = table.column(i)
+        bad = pc.fill_null(pc.is_inf(column), False)
+        n = pc.sum(bad).as_py() or 0
+        if n:
+            table = table.set_column(i, f, pc.if_else(bad, pa.scalar(None, f.type), column))
+            counts[f.name] = counts.get(f.name, 0) + int(n)
+    return table
+
+
 # --------------------------------------------------------------------------------------- streaming
 
 

@@ -15,7 +15,9 @@ Unparsable CIFs, duplicate ids and unusable recipes are skipped and reported as 
 
 from __future__ import annotations
 
+import lzma
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -170,8 +172,10 @@ def load_local(paths: list[str], workers: int | None = None) -> RawData:
     for path in recipe_files:
         try:
             records = read_recipe_file(path)
-        except (OSError, ValueError, EOFError) as exc:
-            raise CMMAError(f"Could not read recipes from {path} ({exc}): give a JSON list, {{\"reactions\": [...]}} or JSON lines.") from None
+        except (OSError, ValueError, EOFError, lzma.LZMAError, zlib.error) as exc:  # a corrupt .xz / .gz too
+            what = str(exc) or type(exc).__name__
+            raise CMMAError(f"Could not read recipes from {path} ({what}): give a JSON list, {{\"reactions\": [...]}} or "
+                            "JSON lines (plain, .gz or .xz).") from None
         default_type = next((t for t in ("solid-state", "sol-gel", "precipitation", "hydrothermal") if t in path.name), None)
         for r in records:
             if isinstance(r, dict) and default_type and not r.get("synthesis_type"):

@@ -52,7 +52,7 @@ import pandas as pd
 import requests
 
 from cmma_cli.config import FetchConfig
-from cmma_cli.console import console, progress
+from cmma_cli.console import console, esc, progress
 from cmma_cli.errors import CMMAError
 from cmma_cli.sources.recipes import link_recipes
 from cmma_cli.sources.schema import RawData, conform_descriptions, conform_materials
@@ -77,6 +77,34 @@ KEY_LENGTH = 32
 KEY_PAGE = "https://next-gen.materialsproject.org/api"
 
 T = TypeVar("T")
+#: Query parameters of an endpoint URL that are secrets, never written to a manifest, a log or the terminal.
+SECRET_PARAMETERS = ("api_key", "apikey", "key", "token", "access_token", "password")
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without credentials: no ``user:password@`` and no secret query parameter (``api_key=...``).
+
+    Every endpoint that cmma records (the fetch manifest) or prints goes through this; the request itself uses
+    the URL as given."""
+    if not url:
+        return url
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+    except ValueError:  # not a URL at all: keep nothing that could be a secret
+        return "<unparsable URL>"
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in SECRET_PARAMETERS]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
+
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -160,7 +188,7 @@ def _connect(key: str, endpoint: str, partial: Path) -> Any:
             raise _Transient(f"HTTP {status} on /heartbeat" if status else "no heartbeat") from exc
         answer = f"returned HTTP {status}" if status != 200 else "is not the API's heartbeat"
         raise CMMAError(
-            f"{endpoint} does not answer like the Materials Project API (its /heartbeat {answer}): "
+            f"{public_url(endpoint)} does not answer like the Materials Project API (its /heartbeat {answer}): "
             "check --endpoint, or leave it out for the public API."
         ) from None
 
@@ -250,7 +278,7 @@ class _Job:
 
     def __init__(self, cfg: FetchConfig, endpoint: str, partial: Path) -> None:
         self.cfg = cfg
-        self.endpoint = endpoint
+        self.endpoint = public_url(endpoint)  # what messages show; the client keeps the URL as given
         self.partial = partial
         self.bar: Any = None
         self.step = _Chunked("connect")
@@ -421,7 +449,7 @@ class _Job:
                     raise _GaveUp(detail) from None
                 delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
                 console.print(
-                    f"[yellow]Materials Project request failed ({detail}); retrying in {delay:.1f} s "
+                    f"[yellow]Materials Project request failed ({esc(detail)}); retrying in {delay:.1f} s "
                     f"({attempt}/{RETRY_ATTEMPTS - 1}).[/]",
                     highlight=False,
                 )

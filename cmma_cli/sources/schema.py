@@ -117,6 +117,22 @@ def conform_materials(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return out.reset_index(drop=True), extra
 
 
+def clear_non_finite(materials: pd.DataFrame) -> dict[str, int]:
+    """Make every infinite value of a numeric property column missing (in place): ``inf`` in a user's CSV is no
+    measurement. Returns ``{column: how many}`` for the columns that had some."""
+    counts: dict[str, int] = {}
+    for name in materials.columns:
+        col = materials[name]
+        if name in MATERIAL_COLUMNS or not pd.api.types.is_float_dtype(col):
+            continue
+        values = col.to_numpy(dtype=float, na_value=np.nan)
+        bad = np.isinf(values)
+        if bad.any():
+            materials[name] = col.mask(bad)
+            counts[name] = int(bad.sum())
+    return counts
+
+
 def _as_dtype(col: pd.Series, dtype: str) -> pd.Series:
     if dtype == "Float64":
         return pd.to_numeric(col, errors="coerce").astype("Float64")
