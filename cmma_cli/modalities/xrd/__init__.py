@@ -1,12 +1,13 @@
 """Powder XRD patterns (and other 1-D spectra on a fixed grid): a small 1-D CNN in plain torch.
 
 ``cmma preprocess`` puts every pattern on one 2-theta grid (:mod:`~cmma_cli.modalities.xrd.patterns`),
-computed from the structure with pymatgen, or measured: a folder of ``<material_id>.xy`` files given
+computed from the structure (:mod:`~cmma_cli.modalities.xrd.simulate`, pymatgen's XRDCalculator physics,
+vectorised), or measured: a folder of ``<material_id>.xy`` files given
 with ``--xrd-dir`` replaces the computed pattern. The encoder is :mod:`~cmma_cli.modalities.xrd.encoder`.
 
 Training batches are augmented (``xrd_augment``) the way real measurements differ from computed
-patterns: a zero-point shift of up to 0.15 degrees and a smooth intensity modulation along 2-theta.
-Evaluation never augments.
+patterns (:mod:`~cmma_cli.modalities.xrd.augment`: strain, zero shift, broadening, texture, impurity peaks,
+mixtures, background, noise). Evaluation never augments.
 """
 
 from __future__ import annotations
@@ -23,16 +24,13 @@ from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.base import Context, Item, Modality, Prepared, UserInputs
 from cmma_cli.modalities.columns import csr
 
-#: Training augmentation: a zero-point shift of up to this many degrees 2-theta, and a smooth intensity
-#: modulation (log-normal, this standard deviation, at AUGMENT_KNOTS points) as texture and absorption cause.
-AUGMENT_SHIFT_DEG = 0.15
-AUGMENT_INTENSITY_SD = 0.15
-AUGMENT_KNOTS = 8
-#: Measured pattern files: two-column text (2-theta, intensity).
-PATTERN_SUFFIXES = (".xy", ".xye", ".txt", ".csv", ".dat")
+#: Training augmentation (:mod:`~cmma_cli.modalities.xrd.augment`): a zero-point shift of up to this many degrees.
+AUGMENT_SHIFT_DEG = 0.3
+#: Measured pattern files: two-column text (2-theta, intensity), PANalytical XML, powder CIF (pdCIF).
+PATTERN_SUFFIXES = (".xy", ".xye", ".txt", ".csv", ".dat", ".xrdml", ".cif")
 #: User files (``cmma embed --input``) that are patterns by their suffix, and those that are when they hold
-#: two numeric columns (else a text or a table).
-PATTERN_ONLY = (".xy", ".xye", ".dat")
+#: two numeric columns (else a text or a table); a ``.cif`` is one when it holds a powder loop.
+PATTERN_ONLY = (".xy", ".xye", ".dat", ".xrdml")
 MAYBE_PATTERN = (".txt", ".md", ".csv", ".tsv")
 
 
@@ -55,7 +53,7 @@ class XRDSettings:
 
     channels: int = 32  # width of the first XRD convolution (doubles twice)
     out_dim: int = 256  # width of the XRD encoder's output
-    augment: bool = True  # shift (up to 0.15 deg) and modulate training patterns as measurements differ
+    augment: bool = True  # make training patterns look measured: strain, shift, broadening, texture, impurities, mixtures, background, noise
 
 
 def _positive_region(width: float) -> None:
@@ -77,27 +75,7 @@ class PatternData(Prepared):
     position: np.ndarray  # (rows,) int64: the row of ``patterns`` of each table row, -1 when absent
     augment: bool = False
     max_shift: int = 0  # grid points
-
-
-def augment(patterns: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Patterns as a real measurement might give them: shifted by a few grid points (zero-point error) and
-    with intensities modulated smoothly along 2-theta (preferred orientation, absorption), rescaled to max 1."""
-    n, length = patterns.shape
-    shifts = rng.integers(-max_shift, max_shift + 1, size=n)
-    out = np.zeros_like(patterns, dtype=np.float32)
-    for i, shift in enumerate(shifts):  # a slice copy per pattern: cheaper than fancy indexing
-        if shift >= 0:
-            out[i, shift:] = patterns[i, : length - shift]
-        else:
-            out[i, :shift] = patterns[i, -shift:]
-    knots = np.exp(rng.normal(0.0, AUGMENT_INTENSITY_SD, size=(n, AUGMENT_KNOTS))).astype(np.float32)
-    grid = np.linspace(0, AUGMENT_KNOTS - 1, length, dtype=np.float32)
-    lo = np.floor(grid).astype(np.int64).clip(0, AUGMENT_KNOTS - 2)
-    frac = grid - lo
-    out *= knots[:, lo] * (1 - frac) + knots[:, lo + 1] * frac
-    peak = out.max(axis=1, keepdims=True)
-    out /= np.where(peak > 0, peak, 1.0)
-    return out
+    grid: tuple[float, float, float] = (0.05, 10.0, 1.54184)  # step, first 2-theta (degrees), wavelength (angstrom)
 
 
 def grid_of(cfg: XRDPreprocess):
@@ -105,18 +83,6 @@ def grid_of(cfg: XRDPreprocess):
     from cmma_cli.modalities.xrd.patterns import XRDGrid
 
     return XRDGrid(cfg.two_theta_min, cfg.two_theta_max, cfg.two_theta_step, cfg.fwhm, cfg.wavelength)
-
-
-_CALCULATORS: dict[str, Any] = {}
-
-
-def _calculator(wavelength: str):
-    """One pymatgen XRDCalculator per wavelength and process (workers reuse it for every structure)."""
-    if wavelength not in _CALCULATORS:
-        from pymatgen.analysis.diffraction.xrd import XRDCalculator
-
-        _CALCULATORS[wavelength] = XRDCalculator(wavelength=wavelength)
-    return _CALCULATORS[wavelength]
 
 
 class XRDModality(Modality):
@@ -128,15 +94,18 @@ class XRDModality(Modality):
     preprocess_config = XRDPreprocess
     evaluate_config = XRDEvaluate
     folder_setting, folder_suffixes, folder_source = "dir", PATTERN_SUFFIXES, "measured_xrd"  # --xrd-dir
-    derived_keys = frozenset({"augment", "max_shift"})
+    derived_keys = frozenset({"augment", "max_shift", "grid"})
 
     # ------------------------------------------------------------------------------------ preprocess
 
     def check(self, cfg: XRDPreprocess) -> None:
-        from pymatgen.analysis.diffraction.xrd import WAVELENGTHS
+        from cmma_cli.modalities.xrd.simulate import WAVELENGTHS, wavelength_angstrom
 
-        if cfg.wavelength not in WAVELENGTHS:
-            raise CMMAError(f"--wavelength {cfg.wavelength!r} is not known: use one of {', '.join(sorted(WAVELENGTHS))}.")
+        try:
+            wavelength_angstrom(cfg.wavelength)
+        except ValueError:
+            raise CMMAError(f"--wavelength {cfg.wavelength!r} is not known: use one of "
+                            f"{', '.join(sorted(WAVELENGTHS))} or a wavelength in angstrom (e.g. 1.5406).") from None
         super().check(cfg)
         try:
             grid_of(cfg)
@@ -159,7 +128,7 @@ class XRDModality(Modality):
                 item.reject("measured_xrd", measured, str(exc))
         if cfg.enabled and item.structure is not None:
             try:
-                return {"xrd": computed_pattern(item.structure, grid, _calculator(grid.wavelength)),
+                return {"xrd": computed_pattern(item.structure, grid),
                         "xrd_source": "computed"}
             except PatternRejected as exc:
                 item.reject("xrd", item.material_id, str(exc))
@@ -184,9 +153,13 @@ class XRDModality(Modality):
         if not length:
             raise CMMAError("The processed data has no XRD grid: rerun `cmma preprocess` with --xrd, "
                             "or train without the xrd modality (--modalities structure,text).")
-        step = ctx.processed_manifest.get("xrd_grid", {}).get("step", 0.05)
+        from cmma_cli.modalities.xrd.simulate import wavelength_angstrom
+
+        facts = ctx.processed_manifest.get("xrd_grid", {})
+        step = facts.get("step", 0.05)
+        grid = [step, facts.get("two_theta_min", 10.0), wavelength_angstrom(facts.get("wavelength", "CuKa"))]
         return {"length": int(length), "channels": cfg.channels, "out_dim": cfg.out_dim,
-                "augment": cfg.augment, "max_shift": int(round(AUGMENT_SHIFT_DEG / step))}
+                "augment": cfg.augment, "max_shift": int(round(AUGMENT_SHIFT_DEG / step)), "grid": grid}
 
     def prepare(self, table: pa.Table, spec: dict[str, Any], ctx: Context) -> PatternData:
         values, offsets, valid = csr(table.column("xrd"), np.float32)
@@ -198,14 +171,16 @@ class XRDModality(Modality):
         position = np.full(len(valid), -1, dtype=np.int64)
         position[valid] = np.arange(int(valid.sum()))
         return PatternData(valid, values.reshape(-1, spec["length"]), position, spec.get("augment", False),
-                           spec.get("max_shift", 0))
+                           spec.get("max_shift", 0), tuple(spec.get("grid", (0.05, 10.0, 1.54184))))
 
     def collate(self, data: PatternData, rows: np.ndarray, rng: np.random.Generator | None) -> dict:
         import torch
 
         patterns = data.patterns[data.position[rows]]
         if rng is not None and data.augment:
-            patterns = augment(patterns, rng, data.max_shift)
+            from cmma_cli.modalities.xrd.augment import augment
+
+            patterns = augment(patterns, rng, data.max_shift, *data.grid)
         return {"pattern": torch.from_numpy(patterns)}
 
     def encoder(self, spec: dict[str, Any]):
@@ -216,19 +191,23 @@ class XRDModality(Modality):
     # ---- embed and retrieve
 
     query_option = "pattern"
-    query_help = "Query with a measured XRD pattern (2-theta, intensity)."
+    query_help = "Query with a measured XRD pattern (.xy/.xye/.csv/.dat two-column text, .xrdml, powder CIF)."
     query_example = "--pattern FILE.xy"
     input_help = f"pattern files ({', '.join(PATTERN_ONLY)})"
     from_structure = True  # a CIF's computed pattern goes through the XRD encoder
 
     def claim_input(self, path) -> int:
-        """``.xy`` / ``.xye`` / ``.dat`` files, and ``.txt`` / ``.csv`` files holding two numeric columns."""
+        """``.xy`` / ``.xye`` / ``.dat`` / ``.xrdml`` files, ``.txt`` / ``.csv`` files holding two numeric columns,
+        and CIFs holding measured powder data (3: above the structure modality's 2 for every ``.cif``)."""
         from cmma_cli.modalities.user_files import suffix
         from cmma_cli.modalities.xrd.patterns import PatternRejected, read_two_columns
+        from cmma_cli.modalities.xrd.readers import is_pattern_cif
 
         kind = suffix(path)
         if kind in PATTERN_ONLY:
             return 2
+        if kind == ".cif":
+            return 3 if is_pattern_cif(path) else 0
         if kind in MAYBE_PATTERN:
             try:
                 read_two_columns(path)
@@ -266,8 +245,7 @@ class XRDModality(Modality):
             raise CMMAError(f"The pattern file {path} does not exist: check the path given to --{self.query_option}.")
         got = self.read_inputs([path], cfg)
         if not got.ids:
-            raise CMMAError(f"Could not read the XRD pattern {path} ({got.rejects[0]['reason']}): give a text file "
-                            "with two numeric columns, 2-theta and intensity.")
+            raise CMMAError(f"Could not read the XRD pattern {path}: {got.rejects[0]['reason']}.")
         return got
 
     # ---- evaluate
