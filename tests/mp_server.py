@@ -27,7 +27,11 @@ API (emmet-api on maggma) returns, built from the real data in ``../shared/data`
 Anything else is a 404, and a query parameter the server does not emulate is a 400, so a client
 change that the tests do not cover fails loudly instead of being silently ignored. Every request is
 logged (:attr:`LoopbackMP.requests`) so tests can count them, and failures can be injected per route
-(:meth:`LoopbackMP.fail`): an HTTP status on the k-th request, or a dropped connection.
+(:meth:`LoopbackMP.fail`) on the k-th request: an HTTP status (with any body, content type and headers,
+e.g. ``Retry-After``; a 200 with an HTML page or broken JSON is what a proxy may send), a dropped
+connection (:data:`DROP`), the real answer cut short (:data:`TRUNCATE`), or no answer at all
+(:data:`HANG`: the connection stays open, silent, until :meth:`LoopbackMP.heal` (then the real answer comes),
+:meth:`LoopbackMP.stop` or :data:`HANG_LIMIT_S` (then the connection closes)).
 """
 
 from __future__ import annotations
@@ -258,12 +262,24 @@ class Request:
     api_key: str | None
 
 
+#: Special "statuses" for :meth:`LoopbackMP.fail`: drop the connection without answering; send the real
+#: answer's headers and only half of its body, then close; accept the request and never answer.
+DROP = 0
+TRUNCATE = -1
+HANG = -2
+#: A hanging request gives up by itself after this long (so no test thread outlives its test by much).
+HANG_LIMIT_S = 30.0
+
+
 @dataclass
 class Failure:
     route: str
-    status: int  # an HTTP status, or 0 to drop the connection without answering
+    status: int  # an HTTP status, or DROP / TRUNCATE / HANG
     first: int  # 1-based number of the first request to that route that fails
     count: int | None  # how many fail (None: all from ``first`` on)
+    body: bytes | None = None  # the body to send (default: a JSON {"detail": ...})
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)  # extra headers, e.g. {"Retry-After": "3600"}
 
     def hits(self, n: int) -> bool:
         return n >= self.first and (self.count is None or n < self.first + self.count)
@@ -282,6 +298,7 @@ class LoopbackMP:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
+        self._release = threading.Event()  # set to end the requests that HANG
 
     # -- lifecycle
     def start(self) -> LoopbackMP:
@@ -303,6 +320,7 @@ class LoopbackMP:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -314,17 +332,34 @@ class LoopbackMP:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/"
 
     # -- test controls
-    def fail(self, route: str, status: int, first: int = 1, count: int | None = 1) -> None:
-        """Make requests ``first``..``first+count-1`` to ``route`` fail with ``status`` (0: drop the connection)."""
+    def fail(
+        self,
+        route: str,
+        status: int,
+        first: int = 1,
+        count: int | None = 1,
+        *,
+        body: str | bytes | None = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Make requests ``first``..``first+count-1`` to ``route`` fail with ``status``.
+
+        ``status`` is an HTTP status (sent with ``body``, default a JSON ``{"detail": ...}``, ``content_type``
+        and ``headers``; a 200 with an HTML ``body`` is a proxy's page), or :data:`DROP`, :data:`TRUNCATE` or
+        :data:`HANG`."""
         if route not in ROUTES.values():
             raise ValueError(f"unknown route {route!r}")
+        blob = body.encode() if isinstance(body, str) else body
         with self._lock:
-            self.failures.append(Failure(route, status, first, count))
+            self.failures.append(Failure(route, status, first, count, blob, content_type, dict(headers or {})))
 
     def heal(self) -> None:
-        """Remove every injected failure."""
+        """Remove every injected failure, and end the requests that hang."""
         with self._lock:
             self.failures.clear()
+            self._release.set()
+            self._release = threading.Event()
 
     def count(self, route: str) -> int:
         """How many requests reached ``route`` so far."""
@@ -349,31 +384,59 @@ class LoopbackMP:
             self.requests.append(Request(route, parts.path, params, h.headers.get("x-api-key")))
             n = sum(r.route == route for r in self.requests)
             failure = next((f for f in self.failures if f.route == route and f.hits(n)), None)
-        if failure is not None:
-            if failure.status == 0:
-                h.close_connection = True
-                h.connection.close()
-                return
-            return self._send(h, failure.status, {"detail": f"injected failure (HTTP {failure.status})"})
+        if failure is not None and failure.status == HANG:
+            healed = self._release.wait(HANG_LIMIT_S) and self._httpd is not None
+            # healed: the late answer after all; stopped or too long: close without a word
+            failure = None if healed else Failure(route, DROP, 1, None)
+        if failure is not None and failure.status == DROP:
+            h.close_connection = True
+            h.connection.close()
+            return
+        if failure is not None and failure.status != TRUNCATE:
+            body = failure.body
+            if body is None:
+                body = json.dumps({"detail": f"injected failure (HTTP {failure.status})"}).encode()
+            return self._send_bytes(h, failure.status, body, failure.content_type, failure.headers)
+        status, answer = self._answer(h, route, params)
+        if failure is not None:  # TRUNCATE: announce the whole answer, send half of it, hang up
+            blob = json.dumps(answer).encode()
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(blob)))
+            h.end_headers()
+            h.wfile.write(blob[: len(blob) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.close()
+            return
+        self._send(h, status, answer)
+
+    def _answer(self, h: BaseHTTPRequestHandler, route: str, params: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """The status and JSON body the API gives for a request."""
         if route == "other":
-            return self._send(h, 404, {"detail": "Not Found"})
+            return 404, {"detail": "Not Found"}
         if route == "heartbeat":
-            return self._send(h, 200, self._heartbeat())
+            return 200, self._heartbeat()
         if h.headers.get("x-api-key") != self.api_key:
-            return self._send(h, 401, {"message": "Invalid authentication credentials"})
+            return 401, {"message": "Invalid authentication credentials"}
         try:
             handler: Callable[[dict[str, list[str]]], dict[str, Any]] = getattr(self, f"_{route}")
-            body = handler(params)
+            return 200, handler(params)
         except QueryError as exc:
-            return self._send(h, 400, {"detail": str(exc)})
-        self._send(h, 200, body)
+            return 400, {"detail": str(exc)}
+
+    @classmethod
+    def _send(cls, h: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
+        cls._send_bytes(h, status, json.dumps(body).encode(), "application/json", {})
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
-        blob = json.dumps(body).encode()
+    def _send_bytes(h: BaseHTTPRequestHandler, status: int, blob: bytes, content_type: str,
+                    headers: dict[str, str]) -> None:
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(blob)))
+        for name, value in headers.items():
+            h.send_header(name, value)
         h.end_headers()
         h.wfile.write(blob)
 

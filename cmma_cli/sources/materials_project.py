@@ -28,12 +28,18 @@ Every step keeps finished chunks under ``<partial_dir>/mp/`` as Parquet (written
 small state file (a hash of what makes the chunk list, and the list itself), so re-running the same
 command skips them and a changed config starts afresh.
 
-Retries: mp-api's session already retries each request three times within a second (connection
-errors, read errors, HTTP 429/502/504; honouring ``Retry-After``). On top of that, a chunk that still
-fails with a connection error, a timeout or HTTP 429/5xx is retried :data:`RETRY_ATTEMPTS` times in
-all with exponential backoff from :data:`RETRY_BASE_DELAY_S` seconds, for outages longer than a
-second; then the fetch stops with one sentence saying what was kept. Other HTTP 4xx answers (a
-rejected key, an unsupported request) stop at once.
+Retries and time limits: the client's session (ours, mounted on mp-api's) retries each request three
+times within a second on connection errors, read errors and HTTP 502/504, and waits at most
+:data:`CONNECT_TIMEOUT_S` to connect and :data:`READ_TIMEOUT_S` for each read. On top of that, a step
+that still fails with a connection error, a timeout, HTTP 429/5xx or a malformed answer (a 200 whose
+body is not JSON: a proxy's HTML page, a cut-off body) is tried :data:`RETRY_ATTEMPTS` times in all,
+waiting between attempts with exponential backoff from :data:`RETRY_BASE_DELAY_S` seconds, or as long
+as the server's ``Retry-After`` asks; no wait is longer than :data:`MAX_WAIT_S`, and every wait is
+printed. An attempt with no answer for :data:`REQUEST_DEADLINE_S` seconds is abandoned (a notice is
+printed every :data:`NOTICE_EVERY_S` seconds while it waits), and a step that has had no good answer
+for :data:`GIVE_UP_AFTER_S` seconds in all is given up: a server that never answers is given up
+within about that long. Giving up stops the fetch with one sentence saying what was kept. Other
+HTTP 4xx answers (a rejected key, an unsupported request) stop at once.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +80,18 @@ FORMULAS_PER_CHUNK = 20
 #: Attempts per chunk for transient failures, and the first backoff delay (doubled each time).
 RETRY_ATTEMPTS = 5
 RETRY_BASE_DELAY_S = 2.0
+#: Seconds to wait for a connection, and for each read of an answer (the socket timeouts of every request).
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+#: An attempt that has had no answer for this many seconds is abandoned (and counts as a failed attempt).
+REQUEST_DEADLINE_S = 60.0
+#: A step (one chunk, one listing) that has had no good answer for this many seconds, over all its attempts and
+#: waits, is given up: the bound on how long a server that never answers keeps the fetch waiting.
+GIVE_UP_AFTER_S = 180.0
+#: The longest wait between attempts, whatever the server's ``Retry-After`` asks for.
+MAX_WAIT_S = 60.0
+#: While an attempt waits for an answer, a line says so every this many seconds.
+NOTICE_EVERY_S = 15.0
 KEY_LENGTH = 32
 KEY_PAGE = "https://next-gen.materialsproject.org/api"
 
@@ -126,6 +145,7 @@ def fetch_materials_project(cfg: FetchConfig, api_key: str | None, partial_dir: 
         with progress() as bar:
             job.bar = bar
             mpr = job.retrying(lambda: _connect(key, endpoint, job.partial))
+            job.watch(mpr.session)
             try:
                 return job.run(mpr)
             finally:
@@ -183,9 +203,14 @@ def _connect(key: str, endpoint: str, partial: Path) -> Any:
                 local_dataset_cache=partial / "mp_datasets",
             )
     except (KeyError, TypeError, ValueError) as exc:  # the heartbeat answered, but not like the API
-        status, looks_right = _probe_heartbeat(endpoint)
-        if status is None or status == 429 or status >= 500 or looks_right:  # down, or better now: retry
-            raise _Transient(f"HTTP {status} on /heartbeat" if status else "no heartbeat") from exc
+        if isinstance(exc, json.JSONDecodeError):  # not JSON at all: a proxy's page, a body cut short
+            raise _Transient(_malformed_detail(exc.doc)) from exc
+        probe = _probe_heartbeat(endpoint)
+        status = probe.status
+        if status is None or status == 429 or status >= 500 or probe.looks_right or probe.malformed:
+            # down, a proxy's page, or better now: retry
+            detail = probe.malformed or (f"HTTP {status} on /heartbeat" if status else "no heartbeat")
+            raise _Transient(detail, retry_after=probe.retry_after) from exc
         answer = f"returned HTTP {status}" if status != 200 else "is not the API's heartbeat"
         raise CMMAError(
             f"{public_url(endpoint)} does not answer like the Materials Project API (its /heartbeat {answer}): "
@@ -193,29 +218,97 @@ def _connect(key: str, endpoint: str, partial: Path) -> Any:
         ) from None
 
 
-def _probe_heartbeat(endpoint: str) -> tuple[int | None, bool]:
-    """(HTTP status or None, whether the answer has the API's heartbeat fields), to explain a failed start."""
+@dataclass
+class _Probe:
+    status: int | None  # None: no answer
+    looks_right: bool  # the answer has the API's heartbeat fields
+    malformed: str | None = None  # a 200 whose body is not JSON (why, in words)
+    retry_after: float | None = None
+
+
+def _probe_heartbeat(endpoint: str) -> _Probe:
+    """What ``GET heartbeat`` answers, to explain a failed start."""
     try:
-        response = requests.get(endpoint + "heartbeat", timeout=20)
+        response = requests.get(endpoint + "heartbeat", timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
     except requests.RequestException:
-        return None, False
+        return _Probe(None, False)
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
     try:
         body = response.json()
     except ValueError:
-        return response.status_code, False
-    return response.status_code, isinstance(body, dict) and {"version", "db_version"} <= set(body)
+        malformed = _malformed_detail(response.text) if response.status_code == 200 else None
+        return _Probe(response.status_code, False, malformed, retry_after)
+    looks_right = isinstance(body, dict) and {"version", "db_version"} <= set(body)
+    return _Probe(response.status_code, looks_right, None, retry_after)
+
+
+def _malformed_detail(body: str | bytes | None) -> str:
+    """Words for an answer that should have been JSON and is not."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
+    if text.lstrip()[:1] == "<":
+        return "an HTML page instead of JSON, as a proxy or login page sends"
+    return "a malformed answer (not JSON)" if text.strip() else "an empty answer"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (a number of seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        from datetime import datetime, timezone
+
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+class _BoundedAdapter(requests.adapters.HTTPAdapter):
+    """mp-api's retries (connection and read errors, HTTP 502/504) with our timeouts on every request.
+
+    ``Retry-After`` is not honoured here (urllib3 would sleep as long as it says, in silence): HTTP 429 and
+    503 come back to :meth:`_Job.retrying`, which waits at most :data:`MAX_WAIT_S` and says so."""
+
+    def __init__(self, connect_s: float, read_s: float) -> None:
+        from mp_api.client.core.settings import MAPI_CLIENT_SETTINGS
+        from urllib3.util.retry import Retry
+
+        n = MAPI_CLIENT_SETTINGS.MAX_RETRIES
+        retry = Retry(total=n, connect=n, read=n, status_forcelist=[502, 504], respect_retry_after_header=False,
+                      backoff_factor=MAPI_CLIENT_SETTINGS.BACKOFF_FACTOR)
+        super().__init__(max_retries=retry)
+        self.timeouts = (connect_s, read_s)
+
+    def send(self, request: Any, stream: bool = False, timeout: Any = None, **kwargs: Any) -> Any:
+        return super().send(request, stream=stream, timeout=self.timeouts, **kwargs)
 
 
 class _Transient(Exception):
-    """A failure worth retrying (connection, timeout, HTTP 429/5xx)."""
+    """A failure worth retrying (connection, timeout, HTTP 429/5xx, a malformed answer)."""
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class _GaveUp(Exception):
     """Retries ran out."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, attempts: int) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.attempts = attempts
 
 
 _STATUS = re.compile(r"status code (\d{3})|too many (\d{3}) error responses")
@@ -227,6 +320,8 @@ def classify(exc: BaseException) -> tuple[str, str] | None:
 
     if isinstance(exc, _Transient):
         return "transient", str(exc)
+    if isinstance(exc, json.JSONDecodeError):  # a 200 whose body is not JSON (mp-api parses it with orjson)
+        return "transient", _malformed_detail(exc.doc)
     if not isinstance(exc, (MPRestError, requests.RequestException)):
         return None
     text = str(exc)
@@ -253,6 +348,7 @@ def _connection_detail(text: str) -> str:
         ("Name or service not known", "unknown host"),
         ("Failed to resolve", "unknown host"),
         ("timed out", "timed out"),
+        ("IncompleteRead", "answer cut short"),
         ("RemoteDisconnected", "connection closed by the server"),
         ("Connection aborted", "connection closed by the server"),
     ):
@@ -283,6 +379,21 @@ class _Job:
         self.bar: Any = None
         self.step = _Chunked("connect")
         self.materials = _Chunked("materials")
+        self.answered = time.monotonic()  # when the server last gave a good answer (or the step began)
+        self.retry_after: float | None = None  # what the last 429/503 asked for
+
+    def watch(self, session: requests.Session) -> None:
+        """Put our timeouts and retries on the client's session, and follow its answers."""
+        adapter = _BoundedAdapter(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.hooks.setdefault("response", []).append(self._on_response)
+
+    def _on_response(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if response.status_code == 200 and "json" in response.headers.get("Content-Type", ""):
+            self.answered = time.monotonic()
+        elif response.status_code in (429, 503):
+            self.retry_after = parse_retry_after(response.headers.get("Retry-After"))
 
     # -- the steps
     def run(self, mpr: Any) -> RawData:
@@ -426,10 +537,13 @@ class _Job:
         return frames
 
     def retrying(self, call: Callable[[], T]) -> T:
-        """``call()``, retried with exponential backoff on transient failures."""
+        """``call()``, retried on transient failures: backoff or ``Retry-After`` waits (capped, each printed) and
+        attempts abandoned after :data:`REQUEST_DEADLINE_S` s without an answer, within :data:`GIVE_UP_AFTER_S`."""
+        self.answered = time.monotonic()
         for attempt in range(1, RETRY_ATTEMPTS + 1):
+            self.retry_after = None
             try:
-                return call()
+                return self._attempt(call, attempt)
             except Exception as exc:
                 kind = classify(exc)
                 if kind is None:
@@ -445,16 +559,65 @@ class _Job:
                         f"The Materials Project API at {self.endpoint} refused the request ({detail}): "
                         "upgrade mp-api (pip install -U mp-api) or check --endpoint."
                     ) from None
-                if attempt == RETRY_ATTEMPTS:
-                    raise _GaveUp(detail) from None
-                delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
+                asked = exc.retry_after if isinstance(exc, _Transient) and exc.retry_after is not None else self.retry_after
+                wait = min(RETRY_BASE_DELAY_S * 2 ** (attempt - 1) if asked is None else asked, MAX_WAIT_S)
+                silent = time.monotonic() - self.answered
+                if attempt == RETRY_ATTEMPTS or silent + wait >= GIVE_UP_AFTER_S:
+                    if asked is not None and asked > MAX_WAIT_S:
+                        detail = f"{detail}, asking to wait {_seconds(asked)} s"
+                    raise _GaveUp(detail, attempt) from None
+                if asked is None:
+                    then = f"retrying in {_seconds(wait)} s"
+                else:
+                    then = f"the server asked to wait {_seconds(asked)} s; waiting {_seconds(wait)} s"
                 console.print(
-                    f"[yellow]Materials Project request failed ({esc(detail)}); retrying in {delay:.1f} s "
-                    f"({attempt}/{RETRY_ATTEMPTS - 1}).[/]",
+                    f"[yellow]Materials Project request failed ({esc(detail)}); {then} "
+                    f"(attempt {attempt + 1}/{RETRY_ATTEMPTS}).[/]",
                     highlight=False,
                 )
-                time.sleep(delay)
+                time.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _attempt(self, call: Callable[[], T], attempt: int) -> T:
+        """``call()`` in a worker thread, abandoned when the server gives no answer for too long.
+
+        The thread (a daemon) is left to end by itself: its requests have socket timeouts, and nothing it
+        returns is used. The main thread says every :data:`NOTICE_EVERY_S` seconds that it is waiting."""
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["value"] = call()
+            except BaseException as exc:  # handed to the main thread
+                outcome["error"] = exc
+
+        started = time.monotonic()
+        worker = threading.Thread(target=work, name="cmma-mp-request", daemon=True)
+        worker.start()
+        notices = 0  # notices printed for the present silence
+        while True:
+            now = time.monotonic()
+            quiet = now - max(started, self.answered)  # this attempt's silence (a good answer ends it)
+            left = min(REQUEST_DEADLINE_S - quiet, GIVE_UP_AFTER_S - (now - self.answered))
+            if left <= 0:
+                raise _Transient(f"no answer within {_seconds(quiet)} s")
+            notices = min(notices, int(quiet // NOTICE_EVERY_S))
+            until_notice = (notices + 1) * NOTICE_EVERY_S - quiet
+            if until_notice <= 0:
+                notices = int(quiet // NOTICE_EVERY_S)
+                console.print(
+                    f"[yellow]No answer from the Materials Project API at {esc(self.endpoint)} for "
+                    f"{_seconds(quiet)} s; waiting up to {_seconds(REQUEST_DEADLINE_S)} s "
+                    f"(attempt {attempt}/{RETRY_ATTEMPTS}).[/]",
+                    highlight=False,
+                )
+                continue
+            worker.join(min(left, until_notice))
+            if not worker.is_alive():
+                break
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     # -- sentences
     def filters(self) -> dict[str, Any]:
@@ -483,7 +646,7 @@ class _Job:
         return " ".join(parts) or "no filters"
 
     def give_up_sentence(self, stop: _GaveUp) -> str:
-        where = f"The Materials Project API at {self.endpoint} kept failing ({stop.detail}, {RETRY_ATTEMPTS} attempts)"
+        where = f"The Materials Project API at {self.endpoint} kept failing ({stop.detail}, {stop.attempts} attempts)"
         again = "re-run the same command to continue where it stopped"
         m = self.materials
         if self.step.name in ("connect", "list"):
@@ -496,6 +659,11 @@ class _Job:
             f"{where} while fetching {self.step.name}: all {m.total:,} materials and the {self.step.name} for "
             f"{self.step.done:,} of {self.step.total:,} {unit} were fetched and kept; {again} (or add {extra})."
         )
+
+
+def _seconds(value: float) -> str:
+    """Seconds for a message: whole above 10, else one decimal ("3600", "2.0", "0.5")."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 # -------------------------------------------------------------------------------------- documents
