@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmma_cli.config import EmbedConfig, as_dict
-from cmma_cli.console import console, progress
+from cmma_cli.console import console, esc, progress
 from cmma_cli.embeddings import UNIFIED, clear_stage, tables, unify, write_embeddings
 from cmma_cli.errors import CMMAError
 from cmma_cli.index import INDEX_KINDS
@@ -256,5 +256,8 @@ def _summary(out: Path, written: dict[str, dict[str, Any]], materials: int, seco
             kind = facts["kind"] if facts["kind"] == "flat" else f"ivf (nlist {facts['nlist']}, nprobe {facts['nprobe']})"
             table.add_row(name, str(facts["rows"]), kind)
     console.print(table)
-    console.print(f"Embedded {materials} materials in {seconds:.1f} s. Next: `cmma retrieve \"a text query\"`.",
+    from cmma_cli.retrieve import next_query_hint
+
+    hint = esc(next_query_hint([name for name in written if name != "unified"]))  # a query this run can answer
+    console.print(f"Embedded {materials} materials in {seconds:.1f} s. Next: `{hint}`.",
                   highlight=False, soft_wrap=True)

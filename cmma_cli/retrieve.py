@@ -7,7 +7,9 @@ encoded by the run's own encoder (``--from``: the modality's, or another it can 
 through its computed pattern) and searched, by cosine similarity, in one of the run's indexes (``--to``:
 the first registered modality's by default, unified, or another table). Results carry the processed properties
 (formula, crystal system, band gap, formation energy, energy above hull) and may be filtered by them
-(``--filter "band_gap>1"``).
+(``--filter "band_gap>1"``). What ``cmma embed --input`` embedded is searched with ``--to inputs/NAME`` (its
+default table) or ``--to inputs/NAME/TABLE``: the folder ``embeddings/<run>/inputs/NAME/``, whose
+``materials.parquet`` gives the results' properties.
 
 :class:`Retriever` loads the indexes and the model once, so a program (or the benchmark) can ask many
 queries; ``cmma retrieve`` asks one. Timings are kept apart: loading, encoding the query, searching.
@@ -37,6 +39,20 @@ from cmma_cli.workspace import MANIFEST, Workspace, manifest_hash, read_manifest
 #: The query kind of an embedded material (its stored vector): ``--material ID``.
 MATERIAL = "material"
 UNIFIED = "unified"
+#: ``--to inputs/NAME[/TABLE]``: the embeddings ``cmma embed --input`` wrote to ``embeddings/<run>/inputs/NAME/``.
+INPUTS = "inputs"
+
+
+def next_query_hint(modalities: list[str] | tuple[str, ...]) -> str:
+    """A ``cmma retrieve`` command a run with ``modalities`` can answer (a text query only when it has text)."""
+    from cmma_cli.modalities import get_modality
+
+    for kind, name in query_options().items():
+        m = get_modality(name)
+        if any(source in modalities for source in m.query_sources()):
+            example = f'"{m.query_example.removesuffix(" in quotes")}"' if m.query_positional else (m.query_example or f"--{kind} FILE")
+            return f"cmma retrieve {example}"
+    return f"cmma retrieve --{MATERIAL} ID"
 
 
 def targets() -> tuple[str, ...]:
@@ -234,10 +250,26 @@ class Result:
                 "results": self.rows, **({"warnings": self.warnings} if self.warnings else {})}
 
 
+def not_a_workspace(ws: Workspace) -> str | None:
+    """One sentence when ``ws`` is no cmma workspace at all (a mistyped ``-w``: a missing folder, or one holding
+    files but none of a workspace's folders), else None (an empty folder is a workspace yet to fill)."""
+    if not ws.root.exists():
+        return (f"The workspace {ws.root} does not exist: check --workspace/-w (or $CMMA_WORKSPACE); a workspace is "
+                "the folder `cmma fetch` filled.")
+    if any(ws.root.iterdir()) and not any((ws.root / name).is_dir() for name in ("raw", "processed", "runs",
+                                                                                "embeddings")):
+        return (f"{ws.root} is not a cmma workspace (it has no raw/, processed/, runs/ or embeddings/ folder): check "
+                "--workspace/-w (or $CMMA_WORKSPACE).")
+    return None
+
+
 def newest_embeddings(ws: Workspace) -> str:
     """The run whose embeddings were written last, or one sentence saying how to make some."""
     found = ws.finished("embed")
     if not found:
+        wrong = not_a_workspace(ws)
+        if wrong:
+            raise CMMAError(wrong)
         raise CMMAError(f"There are no embeddings in {ws.root / 'embeddings'} yet: run `cmma embed` "
                         "(after `cmma train`) first.")
     return found[-1]
@@ -263,10 +295,14 @@ class Retriever:
 
     def __init__(self, ws: Workspace, run: str | None = None, device: str = "cpu", threads: int | None = None):
         started = time.perf_counter()
+        self._loading = 0  # nesting depth of timed loads: only the outermost one counts (no time counted twice)
         self.ws = ws
         self.run = run or newest_embeddings(ws)
         self.dir = ws.embeddings_dir(self.run)
         if read_manifest(self.dir) is None:
+            wrong = not_a_workspace(ws)
+            if wrong:
+                raise CMMAError(wrong)
             others = sorted(ws.finished("embed"))
             hint = f" (runs with embeddings: {', '.join(others)})" if others else ""
             raise CMMAError(f"There are no embeddings for run {self.run!r} in {self.dir}{hint}: run "
@@ -285,12 +321,41 @@ class Retriever:
         self._indexes: dict[str, Any] = {}
         self._ids: dict[str, pd.DataFrame] = {}
         self._vectors: dict[str, tuple[pd.Index, np.ndarray]] = {}
-        self._properties: pd.DataFrame | None = None
+        self._properties: dict[str, pd.DataFrame] = {}  # {"": processed, "inputs/NAME": that folder's materials}
         self._encoder = None
         self._warm: set[str] = set()  # encoders whose query-time models are loaded
         self.load_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------ lazy parts
+
+    def _timed(self):
+        """A context that adds its time to :attr:`load_seconds`, unless an enclosing one already counts it."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def timer():
+            started = time.perf_counter()
+            self._loading += 1
+            try:
+                yield
+            finally:
+                self._loading -= 1
+                if self._loading == 0:
+                    self.load_seconds += time.perf_counter() - started
+
+        return timer()
+
+    def inputs(self) -> list[str]:
+        """The names of the finished ``cmma embed --input`` folders of this run (``--to inputs/NAME``)."""
+        folder = self.dir / INPUTS
+        return sorted(p.name for p in folder.glob("*/") if (p / MANIFEST).is_file()) if folder.is_dir() else []
+
+    def folder(self, name: str) -> tuple[Any, str]:
+        """``(folder, table)`` of a table name: the run's own tables, or ``inputs/NAME/TABLE``."""
+        if name.startswith(INPUTS + "/"):
+            _, group, table = name.split("/", 2)
+            return self.dir / INPUTS / group, table
+        return self.dir, name
 
     def index(self, name: str):
         """The FAISS index of table ``name`` (loaded once)."""
@@ -302,9 +367,10 @@ class Retriever:
 
                 faiss.omp_set_num_threads(self.threads)
             try:
-                self._indexes[name] = load_index(self.dir / f"{name}.faiss")
+                folder, table = self.folder(name)
+                self._indexes[name] = load_index(folder / f"{table}.faiss")
             except RuntimeError as exc:  # FAISS's answer to a damaged or foreign file
-                raise CMMAError(f"{self.dir / f'{name}.faiss'} is not a readable index ({str(exc).splitlines()[0][:80]}): "
+                raise CMMAError(f"{folder / f'{table}.faiss'} is not a readable index ({str(exc).splitlines()[0][:80]}): "
                                 f"run `cmma embed --run {self.run} --force` to rebuild it.") from None
         return self._indexes[name]
 
@@ -313,7 +379,8 @@ class Retriever:
         if name not in self._ids:
             from cmma_cli.evaluate.data import read_artifact
 
-            path, rebuild = self.dir / f"{name}.parquet", f"cmma embed --run {self.run} --force"
+            folder, table = self.folder(name)
+            path, rebuild = folder / f"{table}.parquet", f"cmma embed --run {self.run} --force"
             columns = [c for c in read_artifact(path, None, rebuild, schema_only=True) if c != "embedding"]
             self._ids[name] = read_artifact(path, columns if "material_id" in columns else ["material_id", *columns],
                                             rebuild)
@@ -333,10 +400,15 @@ class Retriever:
             self._vectors[name] = (pd.Index(table.column("material_id").to_pylist()), vectors)
         return self._vectors[name]
 
-    def properties(self) -> pd.DataFrame:
-        """The processed scalar columns (formula, symmetry, properties), one row per material id."""
-        if self._properties is None:
-            path = self.ws.processed / "materials.parquet"
+    def properties(self, target: str | None = None) -> pd.DataFrame:
+        """The processed scalar columns (formula, symmetry, properties), one row per material id; for a target
+        ``inputs/NAME/...``, those of the inputs' own ``materials.parquet``."""
+        key = "/".join(target.split("/")[:2]) if target and target.startswith(INPUTS + "/") else ""
+        if key not in self._properties:
+            path = (self.dir / key if key else self.ws.processed) / "materials.parquet"
+            if key and not path.is_file():
+                return pd.DataFrame(index=pd.Index([], name="material_id"))
+
             if not path.is_file():
                 raise CMMAError(f"{path} is missing, so results cannot show properties: run `cmma preprocess` first.")
             from cmma_cli.properties import non_property
@@ -354,52 +426,56 @@ class Retriever:
                 f.type.num_fields or str(f.type).startswith(("list", "large_list", "struct")))]
             frame = read_artifact(path, columns if "material_id" in columns else ["material_id", *columns], rebuild)
             frame["material_id"] = frame["material_id"].astype(str)
-            self._properties = frame.drop_duplicates("material_id").set_index("material_id")
-        return self._properties
+            self._properties[key] = frame.drop_duplicates("material_id").set_index("material_id")
+        return self._properties[key]
 
     def encoder(self):
         """The run's encoders, from the very checkpoint that made these embeddings."""
         if self._encoder is None:
-            started = time.perf_counter()
-            from cmma_cli.workspace import file_digest
-            from cmma_cli.encode import Encoder
+            with self._timed():
+                from cmma_cli.workspace import file_digest
+                from cmma_cli.encode import Encoder
 
-            facts = self.manifest["checkpoint"]
-            path = self.ws.locate(facts["path"])
-            again = f"run `cmma embed --run {self.run} --force` so the queries and the index come from one model"
-            if not path.is_file():
-                raise CMMAError(f"The checkpoint {path} that made these embeddings is gone: {again}.")
-            stat = path.stat()
-            if (stat.st_size, stat.st_mtime_ns) != (facts.get("size"), facts.get("mtime_ns")) and \
-                    file_digest(path) != facts["sha256"]:
-                raise CMMAError(f"The checkpoint {path} changed after `cmma embed` ran: {again}.")
-            processed = require_stage(self.ws.processed, "preprocess")
-            if self.threads:
-                import torch
+                facts = self.manifest["checkpoint"]
+                path = self.ws.locate(facts["path"])
+                again = f"run `cmma embed --run {self.run} --force` so the queries and the index come from one model"
+                if not path.is_file():
+                    raise CMMAError(f"The checkpoint {path} that made these embeddings is gone: {again}.")
+                stat = path.stat()
+                if (stat.st_size, stat.st_mtime_ns) != (facts.get("size"), facts.get("mtime_ns")) and \
+                        file_digest(path) != facts["sha256"]:
+                    raise CMMAError(f"The checkpoint {path} changed after `cmma embed` ran: {again}.")
+                processed = require_stage(self.ws.processed, "preprocess")
+                if self.threads:
+                    import torch
 
-                torch.set_num_threads(self.threads)
-            self._encoder = Encoder(path, processed, cache_dir=None, device=self.device, show_progress=False)
-            self.load_seconds += time.perf_counter() - started
+                    torch.set_num_threads(self.threads)
+                self._encoder = Encoder(path, processed, cache_dir=None, device=self.device, show_progress=False)
         return self._encoder
+
+    def warm(self, source: str) -> None:
+        """Load, once, what encoding through ``source`` needs beyond the checkpoint (e.g. the sentence model)."""
+        if source not in self._warm:
+            from cmma_cli.modalities import get_modality
+
+            with self._timed():
+                get_modality(source).warm_up(self.encoder())
+            self._warm.add(source)
 
     def prepare(self, kind: str, source: str, target: str) -> None:
         """Load, once, everything a query of this kind needs (counted as loading, not as encoding or search)."""
-        ready = (target in self._indexes and target in self._ids and self._properties is not None
+        ready = (target in self._indexes and target in self._ids
                  and (source in self._vectors if kind == MATERIAL else source in self._warm))
         if ready:
             return
-        started = time.perf_counter()
-        self.index(target)
-        self.ids(target)
-        self.properties()
-        if kind == MATERIAL:
-            self.vectors(source)
-        else:
-            from cmma_cli.modalities import get_modality
-
-            get_modality(source).warm_up(self.encoder())  # e.g. loads the sentence model
-            self._warm.add(source)
-        self.load_seconds += time.perf_counter() - started
+        with self._timed():
+            self.index(target)
+            self.ids(target)
+            self.properties(target)
+            if kind == MATERIAL:
+                self.vectors(source)
+            else:
+                self.warm(source)
 
     # ------------------------------------------------------------------------------------------ query
 
@@ -420,6 +496,8 @@ class Retriever:
                             f"{', '.join(self.modalities)}): query from one of those, or train a run that includes "
                             f"{source} (cmma train --modalities ...).")
         target = target or default
+        if target == INPUTS or target.startswith(INPUTS + "/"):
+            return source, self.resolve_inputs(target)
         if target not in targets():
             raise CMMAError(f"--to must be one of {', '.join(targets())}, not {target!r}.")
         if target not in self.tables:
@@ -428,6 +506,28 @@ class Retriever:
             raise CMMAError(f"There is no {target} index for run {self.run!r}{trained}: pass --to one of "
                             f"{', '.join(self.tables)}.")
         return source, target
+
+    def resolve_inputs(self, target: str) -> str:
+        """``inputs/NAME[/TABLE]`` checked against what ``cmma embed --input`` wrote: ``inputs/NAME/TABLE``."""
+        from cmma_cli.modalities import REGISTRY
+
+        parts = target.split("/")
+        found = self.inputs()
+        listed = ", ".join(f"inputs/{n}" for n in found) or "none yet"
+        make = f"`cmma embed --run {self.run} --input PATH` embeds your own files there"
+        if len(parts) < 2 or not parts[1] or len(parts) > 3:
+            raise CMMAError(f"--to {target!r}: write inputs/NAME or inputs/NAME/TABLE (this run's: {listed}); {make}.")
+        name = parts[1]
+        if name not in found:
+            raise CMMAError(f"Run {self.run!r} has no embedded inputs named {name!r} in {self.dir / INPUTS} (it has: "
+                            f"{listed}); {make}.")
+        folder = self.dir / INPUTS / name
+        have = [t for t in targets() if (folder / f"{t}.parquet").is_file() and (folder / f"{t}.faiss").is_file()]
+        first = next(iter(REGISTRY), UNIFIED)
+        table = parts[2] if len(parts) == 3 else (first if first in have else UNIFIED)
+        if table not in have:
+            raise CMMAError(f"inputs/{name} has no {table} index: pass --to inputs/{name}/ one of {', '.join(have)}.")
+        return f"{INPUTS}/{name}/{table}"
 
     def stored_vector(self, material_id: str, source: str) -> np.ndarray:
         """The stored ``source`` embedding of an embedded material."""
@@ -462,7 +562,7 @@ class Retriever:
         """Which rows of ``target`` pass every filter (None: no filters)."""
         if not filters:
             return None
-        frame = self.properties().reindex(self.ids(target)["material_id"].astype(str))
+        frame = self.properties(target).reindex(self.ids(target)["material_id"].astype(str))
         mask = np.ones(len(frame), dtype=bool)
         for f in filters:
             mask &= f.mask(frame.reset_index())
@@ -482,7 +582,7 @@ class Retriever:
         keep = rows[0] >= 0
         hits = self.ids(target).iloc[rows[0][keep]].reset_index(drop=True)
         wanted = list(dict.fromkeys([*KEY_PROPERTIES, *(f.column for f in filters or [])]))
-        props = self.properties()
+        props = self.properties(target)
         found = props.reindex(hits["material_id"].astype(str))[[c for c in wanted if c in props.columns]]
         found = found.reset_index(drop=True)
         out = []
@@ -535,42 +635,54 @@ _FORMATS = {"band_gap": ("band gap (eV)", "{:.2f}"), "formation_energy_per_atom"
             "energy_above_hull": ("E_hull (eV/atom)", "{:.3f}")}
 
 
-def render(result: Result):
-    """A rich table of the results: rank, id, formula, score, crystal system and the key properties."""
+def render(result: Result, width: int | None = None):
+    """A rich table of the results: rank, id, formula, score, crystal system and the key properties.
+
+    Ids never get cut: their column folds a long id onto more lines instead of an ellipsis. On a narrow
+    terminal (``width``) the least important columns go first (extra properties, then the crystal system).
+    """
     from rich.table import Table
 
     title = esc(f"{result.query['kind']} -> {result.target} ({result.index_size} vectors, run {result.run})"
                 + (f", filters {' '.join(result.filters)}" if result.filters else ""))
     from cmma_cli.embeddings import extra_tables
 
-    row_key = extra_tables().get(result.target)  # a table whose rows are not materials (recipes): their id first
-    table = Table(title=title, title_justify="left")
-    table.add_column("rank", justify="right")
-    if row_key:
-        table.add_column(row_key.removesuffix("_id"))
-    table.add_column("material")
-    table.add_column("formula")
-    table.add_column("score", justify="right")
-    table.add_column("crystal system")
+    table_name = result.target.rsplit("/", 1)[-1]
+    row_key = extra_tables().get(table_name)  # a table whose rows are not materials (recipes): their id first
     shown = [key for key in _FORMATS if any(r.get(key) is not None for r in result.rows)]
     extra = [Filter.parse(f).column for f in result.filters]
     extra = [c for c in dict.fromkeys(extra) if c not in _FORMATS and c not in KEY_PROPERTIES]
-    for key in shown:
-        table.add_column(_FORMATS[key][0], justify="right")
-    for key in extra:
-        table.add_column(esc(key), justify="right")
-    if result.target == UNIFIED:
-        table.add_column("modalities")
-    for r in result.rows:
-        cells = [str(r["rank"])]
-        if row_key:
-            cells.append(str(r.get(row_key)))
-        cells += [str(r["material_id"]), str(r.get("formula") or ""), f"{r['score']:.4f}", str(r.get("crystal_system") or "")]
-        cells += [_FORMATS[k][1].format(r[k]) if r.get(k) is not None else "" for k in shown]
-        cells += ["" if r.get(k) is None else str(r[k]) for k in extra]
-        if result.target == UNIFIED:
-            cells.append(",".join(r.get("modalities") or []))
-        table.add_row(*(esc(c) for c in cells))  # ids, formulas, values: the user's data, never markup
+    # (header, cell of a row, justify, must keep); cells are the user's data: escaped, never markup
+    columns: list[tuple[str, Any, str, bool]] = [("rank", lambda r: str(r["rank"]), "right", True)]
+    if row_key:
+        columns.append((row_key.removesuffix("_id"), lambda r: str(r.get(row_key)), "left", True))
+    columns += [("material", lambda r: str(r["material_id"]), "left", True),
+                ("formula", lambda r: str(r.get("formula") or ""), "left", True),
+                ("score", lambda r: f"{r['score']:.4f}", "right", True),
+                ("crystal system", lambda r: str(r.get("crystal_system") or ""), "left", False)]
+    columns += [(_FORMATS[k][0], lambda r, k=k: _FORMATS[k][1].format(r[k]) if r.get(k) is not None else "", "right",
+                 False) for k in shown]
+    columns += [(k, lambda r, k=k: "" if r.get(k) is None else str(r[k]), "right", True) for k in extra]
+    if table_name == UNIFIED:
+        columns.append(("modalities", lambda r: ",".join(r.get("modalities") or []), "left", False))
+    cells = [[fn(r) for _, fn, _, _ in columns] for r in result.rows]
+
+    def needed(i: int) -> int:  # the column's widest cell (or header word), plus rich's padding and border
+        return max([len(columns[i][0].split()[0] if columns[i][0] else "")] + [len(c[i]) for c in cells]) + 3
+
+    keep = list(range(len(columns)))
+    if width:  # drop what matters least until the ids fit unfolded: modalities, properties, crystal system
+        droppable = [i for i in reversed(range(len(columns))) if not columns[i][3]]
+        while droppable and sum(needed(i) for i in keep) + 1 > width:
+            keep.remove(droppable.pop(0))
+    table = Table(title=title, title_justify="left")
+    for i in keep:
+        header, _, justify, _ = columns[i]
+        is_id = header in ("material", "formula") or (row_key and header == row_key.removesuffix("_id"))
+        table.add_column(esc(header), justify=justify, overflow="fold", no_wrap=False,
+                         min_width=min(needed(i) - 3, 40) if is_id else None)
+    for row in cells:
+        table.add_row(*(esc(row[i]) for i in keep))
     return table
 
 
@@ -592,11 +704,16 @@ def run_retrieve(ws: Workspace, query: Query, cfg: RetrieveConfig, as_json: bool
         sys.stdout.write(to_json(result) + "\n")
         return result
     if not result.rows:
-        console.print(esc(f"No {result.target} entry of run {result.run} passes the filters {' '.join(result.filters)}: "
-                          "loosen them."), highlight=False, soft_wrap=True)
+        if result.filters:
+            message = (f"No {result.target} entry of run {result.run} passes the filters {' '.join(result.filters)}: "
+                       "loosen them.")
+        else:
+            message = (f"The {result.target} index of run {result.run} is empty ({result.index_size} vectors), so "
+                       f"nothing can match: run `cmma embed --run {result.run} --force` to rebuild it.")
+        console.print(esc(message), highlight=False, soft_wrap=True)
         return result
     out = Console(width=None if sys.stdout.isatty() else 160)
-    out.print(render(result))
+    out.print(render(result, width=out.width))
     t = result.timing_ms
     console.print(f"encode {t['encode']:.1f} ms, search {t['search']:.1f} ms (loading {t['load'] / 1000:.1f} s)",
                   highlight=False, soft_wrap=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 
 from cmma_cli.config import EvaluateConfig
@@ -58,3 +60,33 @@ def test_classification_baselines_sit_beside_the_probes_in_the_report(moved):
 def test_an_unknown_baseline_task_gets_one_sentence(moved):
     with pytest.raises(CMMAError, match="--baseline-tasks names vibes: choose from stable, metal, crystal_system, or none"):
         run_evaluate(moved, EvaluateConfig(run=RUN, sections=["baselines"], baseline_tasks=["vibes"]))
+
+
+def test_a_baseline_learns_its_target(moved):
+    """Trained, a structure baseline fits density far better than the untrained network it starts from (which a
+    baseline that never trains would return), and better than predicting the train mean."""
+    from cmma_cli.encode import pick_device
+    from cmma_cli.evaluate.baselines import MaterialSet, _split_tables, _targets, train_baseline
+    from cmma_cli.evaluate import metrics as M
+    from cmma_cli.modalities.base import Context
+    from cmma_cli.model import read_checkpoint
+
+    data = load_eval_data(moved, RUN)
+    spec = read_checkpoint(data.checkpoint)["spec"]
+    specs = {"structure": spec["encoders"]["structure"]}
+    tables = _split_tables(moved, data, ["structure"])
+    ctx = Context(data.processed_manifest, cache_dir=moved.cache, show_progress=False)
+    train = MaterialSet(tables["train"], specs, ctx)
+    sets = {"train": train, "val": MaterialSet(tables["val"], specs, ctx), "test": train}  # scored on what it fitted
+    target = next(t for t in _targets(data, EvaluateConfig(), None) if t.name == "density")
+    y_all = target.values.loc[train.material_ids].to_numpy().astype(float)
+    keep = np.flatnonzero(~np.isnan(y_all))
+    rows = {"train": keep, "val": np.array([], dtype=np.int64), "test": keep}
+    y = {"train": y_all[keep], "val": np.array([]), "test": y_all[keep]}
+    device = pick_device("cpu")
+    untrained = train_baseline(specs, ["structure"], sets, rows, y, EvaluateConfig(baseline_epochs=0), device)
+    trained = train_baseline(specs, ["structure"], sets, rows, y, EvaluateConfig(baseline_epochs=15,
+                                                                                 baseline_lr=3e-3), device)
+    mean = M.mae(y["test"], np.full(len(keep), y["train"].mean()))
+    assert M.mae(y["test"], trained) < 0.7 * M.mae(y["test"], untrained)
+    assert M.mae(y["test"], trained) < 0.9 * mean

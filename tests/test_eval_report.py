@@ -73,6 +73,27 @@ def test_retrieval_uses_the_test_split_and_reports_chance(embedded):
     assert 1 <= s["median_rank"] <= n_test
 
 
+def test_retrieval_scores_each_query_against_its_own_material(embedded):
+    """Recomputed here from the embedding tables alone: a query paired with the wrong material would not match."""
+    data = load_eval_data(embedded, RUN)
+    out = run_retrieval(data, (1, 5, 10))
+    test = set(data.split_ids("test"))
+    emb = {t: pd.read_parquet(embedded.embeddings_dir(RUN) / f"{t}.parquet").set_index("material_id")["embedding"]
+           for t in ("structure", "xrd")}
+    ids = [m for m in data.split_ids("test") if m in emb["structure"].index and m in emb["xrd"].index]
+    assert set(ids) <= test
+    q = np.stack([np.asarray(emb["structure"][m], dtype=float) for m in ids])
+    g = np.stack([np.asarray(emb["xrd"][m], dtype=float) for m in ids])
+    sim = q @ g.T
+    own = np.diag(sim)
+    ranks = (sim >= own[:, None]).sum(axis=1)  # itself, plus every item as good or better (pessimistic ties)
+    s = out["pairs"]["structure->xrd"]
+    for k in (1, 5, 10):
+        assert s[f"recall@{k}"] == pytest.approx(float(np.mean(ranks <= k)), abs=1e-9)
+    assert s["mrr"] == pytest.approx(float(np.mean(1 / ranks)), rel=1e-6)
+    assert s["mrr"] > s["chance_mrr"]  # a trained run finds its own material above chance
+
+
 def _in_unit(value) -> bool:
     return isinstance(value, float) and (math.isnan(value) or 0.0 <= value <= 1.0)
 
@@ -117,6 +138,10 @@ def test_figures_are_written_and_non_empty(report):
         path = out / "figures" / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
         assert f"figures/{name}" in (out / "report.md").read_text()
+    # the maps' coordinates, one row per material and method, for `cmma serve`'s interactive map
+    coords = pd.read_parquet(out / "figures" / metrics["latent"]["coordinates"])
+    assert list(coords.columns) == ["material_id", "method", "x", "y"] and set(coords["method"]) == {"umap", "tsne"}
+    assert coords.groupby("method")["material_id"].nunique().min() > 100 and coords[["x", "y"]].notna().all().all()
 
 
 @pytest.mark.slow  # the full report: baselines, UMAP and t-SNE, attributions (about a minute of CPU)
@@ -158,6 +183,10 @@ def test_explain_attributes_one_material_to_its_atoms_words_and_2theta_regions(e
     assert len(text_pair["atoms"]) == nsites
     assert set(text_pair["elements"]) == set(data.materials.set_index("material_id").loc[mid, "elements"])
     assert all(-1 <= a["score"] <= 1 for a in text_pair["atoms"])
+    # the atoms carry the attribution: not all zero, and not one value smeared over every atom
+    scores = [a["score"] for a in text_pair["atoms"]]
+    assert max(abs(v) for v in scores) > 1e-4
+    assert nsites == 1 or len({round(v, 6) for v in scores}) > 1 or len(set(text_pair["elements"])) == 1
     words = text_pair["text"].lower()
     assert text_pair["tokens"] and all(t["token"] in words for t in text_pair["top_tokens"])
     regions = pairs["structure-xrd"]["regions"]

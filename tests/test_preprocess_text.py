@@ -102,9 +102,19 @@ def test_excerpt_drops_words_the_cuts_broke():
 def test_normalize_text_units_ranges_unicode_and_formulas():
     raw = "heated at 800 ℃ for 2 hrs , then 70 ~ 80 oC  for 30 minutes;\u00a0 1073K, LiFePO₄ and La0.9Sr0.1O3−δ in 5 to 10 h ."
     assert normalize_text(raw) == (
-        "heated at 800 °C for 2 h, then 70-80 °C for 30 min; 1073 K, LiFePO4 and La0.9Sr0.1O3-δ in 5-10 h."
+        "heated at 800 °C for 2 h, then 70-80 °C for 30 min; 800 °C, LiFePO4 and La0.9Sr0.1O3-δ in 5-10 h."
     )
     # numbers glued to letters belong to formulas and are left alone
     assert normalize_text("Li2CO3 and K2CO3 and Co3O4, 5 H2O") == "Li2CO3 and K2CO3 and Co3O4, 5 H2O"
     assert normalize_text("1:2 molar ratio, pH 7-8") == "1:2 molar ratio, pH 7-8"
     assert normalize_text(None) == "" and normalize_text("  ") == ""
+
+
+def test_free_text_kelvin_and_days_are_normalised_like_the_structured_fields():
+    # the structured fields turn kelvin into whole °C and days into hours; prose must say the same, or the text
+    # encoder sees two spellings of one condition
+    assert normalize_text("annealed at 1073 K for 3 days") == "annealed at 800 °C for 72 h"
+    assert normalize_text("1073-1173 K for 2 to 3 days, then 1 week") == "800-900 °C for 48-72 h, then 168 h"
+    assert normalize_text("sintered at 873.15 Kelvin for 0.5 day") == "sintered at 600 °C for 12 h"
+    # what is not a quantity stays: formulas with K, a bare "d" (orbitals)
+    assert normalize_text("K2CO3 and KNO3, 3 d orbitals") == "K2CO3 and KNO3, 3 d orbitals"

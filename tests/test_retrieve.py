@@ -89,8 +89,11 @@ def test_a_stored_material_is_a_query_too(retriever, processed):
     same = retriever.query(Query(material=mid), k=3)
     assert same.source == "structure" and same.rows[0]["material_id"] == mid
     assert same.rows[0]["score"] == pytest.approx(1.0, abs=1e-5)
-    cross = retriever.query(Query(material=mid), source="text", target="structure", k=len(processed))
-    assert [r["material_id"] for r in cross.rows].index(mid) < len(processed) // 4
+    ranks = []  # a text finds its own material's structure far above chance (one material's rank is noisy)
+    for other in processed["material_id"].iloc[:20]:
+        cross = retriever.query(Query(material=other), source="text", target="structure", k=len(processed))
+        ranks.append([r["material_id"] for r in cross.rows].index(other))
+    assert np.median(ranks) < len(processed) // 4, ranks
     unified = retriever.query(Query(material=mid), source="unified", target="unified", k=2)
     assert unified.rows[0]["material_id"] == mid and unified.rows[0]["modalities"] == ["structure", "text", "xrd"]
 

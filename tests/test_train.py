@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,8 +52,10 @@ def test_training_lowers_the_validation_loss_and_retrieves_far_above_chance(trai
     rows = metrics(trained)
     assert [r["epoch"] for r in rows] == list(range(1, FAST.epochs + 1))
     first, last = rows[0], rows[-1]
-    assert last["val_loss"] < 0.85 * first["val_loss"]  # 10.12 -> 8.02 on this machine
-    assert last["val_r1"] > 5 * last["val_r1_chance"]  # 0.24 against 1/30
+    # 10.13 -> 8.78 on this machine; the XRD augmentation makes training patterns look measured, which costs a
+    # little on the computed val patterns here (10.12 -> 7.97 with the old shift-and-modulate augmentation)
+    assert last["val_loss"] < 0.9 * first["val_loss"]
+    assert last["val_r1"] > 5 * last["val_r1_chance"]  # 0.21 against 1/30
     assert last["val_r1"] > first["val_r1"]
     for pair in ("structure-text", "structure-xrd", "text-xrd"):
         assert f"train_{pair}" in last and f"val_{pair}" in last
@@ -272,3 +275,25 @@ def test_training_copes_with_missing_modalities_and_modality_dropout(sample_ws, 
     assert 3 < with_text < 20
     assert rows[-1]["val_r1_chance"] == pytest.approx((4 / with_text + 2 / 30) / 6)
     assert read_manifest(ws.run_dir("sparse"))["rows"]["val"] == 30  # every val material still has structure + xrd
+
+
+@pytest.mark.parametrize("n, batch, world", [(100, 32, 1), (65, 16, 2), (30, 8, 3), (96, 32, 1), (10, 8, 2)])
+def test_every_training_material_is_seen_each_epoch_in_equal_batches(n, batch, world):
+    """The last partial step is padded, not dropped (46 % of the demo's train set went unseen each epoch)."""
+    from cmma_cli.modalities.batches import EpochBatches
+
+    rows = np.arange(1000, 1000 + n)
+    for epoch in (0, 1):
+        ranks = [EpochBatches(rows, batch, seed=3, rank=r, world=world) for r in range(world)]
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        steps = [list(sampler) for sampler in ranks]
+        assert len({len(s) for s in steps}) == 1  # every rank the same number of steps (the all-gather needs it)
+        batches = [b for s in steps for b, _ in s]
+        assert {len(b) for b in batches} == {batch}  # equal-sized batches
+        seen = np.concatenate(batches)
+        assert set(seen.tolist()) == set(rows.tolist())  # every material, each epoch
+        if n >= batch * world:
+            for step in zip(*steps):  # no material twice in one step across the ranks: it would be its own negative
+                together = np.concatenate([b for b, _ in step])
+                assert len(set(together.tolist())) == len(together)

@@ -32,7 +32,7 @@ from torch import nn
 from cmma_cli.console import progress
 from cmma_cli.evaluate import metrics as M
 from cmma_cli.evaluate.data import EvalData
-from cmma_cli.evaluate.probes import CLASSIFICATION_TASKS, classification_labels, classification_scores
+from cmma_cli.evaluate.probes import CLASSIFICATION_TASKS, classification_labels, classification_scores, missing
 from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import MaterialSet, encoder_inputs, pool_items, to_device
@@ -60,7 +60,9 @@ class Target:
         return "regression" if self.classes is None else "classification"
 
     def known(self, y: np.ndarray) -> np.ndarray:
-        return ~np.isnan(y.astype(float)) if self.classes is None else np.array([v is not None for v in y], bool)
+        if self.classes is None:
+            return ~np.isnan(y.astype(float))
+        return np.array([not missing(v) for v in y], dtype=bool)
 
 
 class Predictor(nn.Module):
@@ -178,8 +180,8 @@ def _targets(data: EvalData, cfg: Any, probes: dict[str, Any] | None) -> list[Ta
         labels, _ = classification_labels(data.materials, task, cfg.hull_threshold, cfg.gap_threshold)
         if labels is None:
             continue
-        labels = pd.Series(labels.map(lambda v: None if v is None else str(v)).to_numpy(), index=values.index, dtype=object)
-        classes = sorted({v for v in labels[train] if v is not None})
+        labels = pd.Series([None if missing(v) else str(v) for v in labels.tolist()], index=values.index, dtype=object)
+        classes = sorted({v for v in labels[train] if not missing(v)})
         out.append(Target(task, labels, classes))
     return out
 

@@ -119,8 +119,10 @@ def run_latent(data: EvalData, cfg: Any, figures: Path) -> dict[str, Any]:
         return out
     prop = colour_property(data)
     colourings = [c for c in (prop, "crystal_system") if c is not None and c in mats]
+    maps = []
     for method in cfg.maps:
         coords = embed_2d(x, method, cfg.seed)
+        maps.append(pd.DataFrame({"material_id": ids.astype(str), "method": method, "x": coords[:, 0], "y": coords[:, 1]}))
         for col in colourings:
             name = f"{method}_{col}.png"
             values = mats.loc[list(ids), col].reset_index(drop=True)
@@ -129,6 +131,11 @@ def run_latent(data: EvalData, cfg: Any, figures: Path) -> dict[str, Any]:
             values.name = col
             _plot(coords, values, is_test, f"{method.upper()} of the unified embeddings, coloured by {col}", figures / name)
             out["figures"].append(name)
+    if maps:  # the coordinates themselves, for `cmma serve`'s interactive map and for a user's own plots
+        from cmma_cli.workspace import write_table
+
+        write_table(pd.concat(maps, ignore_index=True), figures / "maps.parquet")
+        out["coordinates"] = "maps.parquet"
 
     if "crystal_system" in mats:
         test_ids = data.split_ids("test")

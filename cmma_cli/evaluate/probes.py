@@ -159,9 +159,16 @@ def fit_classification(parts: dict[str, Part], seed: int = 0, hidden: int = 128)
 BINARY_TASKS = {"stable": ("is_stable", "energy_above_hull", "eV/atom"), "metal": ("is_metal", "band_gap", "eV")}
 
 
+def missing(value: Any) -> bool:
+    """Whether a label is unknown: None, NaN or pandas' NA (a mixed table, say a CSV fetched with a folder of CIFs,
+    holds all three)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
 def _nullable(series: pd.Series, convert) -> pd.Series:
-    """``convert`` applied to the known values; nulls stay None (object dtype)."""
-    return series.map(lambda v: None if pd.isna(v) else convert(v)).astype(object)
+    """``convert`` applied to the known values; nulls stay None (object dtype). Built from a list, not with
+    ``Series.map``, which under pandas 3 turns a None it returns into NaN (NaN beside strings breaks sorting)."""
+    return pd.Series([None if missing(v) else convert(v) for v in series.tolist()], index=series.index, dtype=object)
 
 
 def classification_labels(materials: pd.DataFrame, task: str, hull_threshold: float, gap_threshold: float

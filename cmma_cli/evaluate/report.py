@@ -14,6 +14,34 @@ from rich.table import Table
 from cmma_cli.console import console, esc
 
 REGRESSION_MODELS = ("dummy", "dummy_median", "ridge", "mlp")
+
+#: The unit of each processed property (MAE and RMSE are in it); a property not listed is "in its own unit".
+PROPERTY_UNITS = {"formation_energy_per_atom": "eV/atom", "energy_above_hull": "eV/atom", "band_gap": "eV",
+                  "energy_per_atom": "eV/atom", "uncorrected_energy_per_atom": "eV/atom", "efermi": "eV",
+                  "density": "g/cm³", "density_atomic": "Å³/atom", "volume": "Å³", "total_magnetization": "μB/f.u.",
+                  "bulk_modulus": "GPa", "shear_modulus": "GPa", "nsites": "atoms", "nelements": "elements"}
+
+
+def unit_of(prop: str) -> str:
+    """The unit a property's errors are in (``prop units`` when the property is not a known one)."""
+    return PROPERTY_UNITS.get(prop, f"{prop} units")
+
+
+def section_note(section: dict[str, Any], name: str) -> list[str]:
+    """The line under a section heading that this evaluate did not recompute (kept from an earlier one)."""
+    if not section.get("carried"):
+        return []
+    if section.get("stale"):
+        return [f"**Stale:** kept from an earlier `cmma evaluate`, computed before the processed data or the embeddings "
+                f"changed; rerun `cmma evaluate --sections {name}` to refresh it.", ""]
+    return [f"*Kept from an earlier `cmma evaluate` (not recomputed by this one; its inputs are unchanged).*", ""]
+
+
+def pm(value: Any, spread: Any, digits: int = 3) -> str:
+    """``value ± spread`` (the spread omitted when unknown)."""
+    if spread is None or (isinstance(spread, float) and math.isnan(spread)):
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} ± {fmt(spread, digits)}"
 CLASSIFICATION_MODELS = ("dummy", "logistic", "mlp")
 
 
@@ -111,17 +139,18 @@ def retrieval_rows(metrics: dict[str, Any], ks: list[int]) -> list[list[Any]]:
     for pair, s in metrics.get("retrieval", {}).get("pairs", {}).items():
         row: list[Any] = [pair, s["queries"]]
         for k in ks:
-            row += [s[f"recall@{k}"], s[f"chance_recall@{k}"]]
-        row += [s["mrr"], s["chance_mrr"], s["map"], s["chance_map"], s["mean_rank"], s["median_rank"], s["chance_mean_rank"]]
+            row += [pm(s[f"recall@{k}"], s.get(f"recall@{k}_se")), s[f"chance_recall@{k}"]]
+        row += [pm(s["mrr"], s.get("mrr_se")), s["chance_mrr"], s["map"], s["chance_map"], s["mean_rank"], s["median_rank"], s["chance_mean_rank"]]
         rows.append(row)
     return rows
 
 
 def retrieval_header(ks: list[int]) -> list[str]:
-    header = ["pair (query->gallery)", "n"]
+    header = ["pair (query->gallery)", "n (queries)"]
     for k in ks:
-        header += [f"R@{k}", f"chance R@{k}"]
-    return header + ["MRR", "chance MRR", "mAP", "chance mAP", "mean rank", "median rank", "chance rank"]
+        header += [f"R@{k} (share)", f"chance R@{k}"]
+    return header + ["MRR (0-1)", "chance MRR", "mAP (0-1)", "chance mAP", "mean rank (position)",
+                     "median rank (position)", "chance rank"]
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -133,6 +162,31 @@ _OLD_PLACEMENT = " They appear in the property and classification tables above, 
 def _has_rows(baselines: dict[str, Any]) -> bool:
     return any(baselines.get(kind) for kind in ("regression", "classification"))
 
+
+
+SECTION_ORDER = ("probes", "retrieval", "synthesis", "latent", "baselines", "explain")
+#: Training settings shown first in the report's settings table (the rest follow, sorted).
+_KEY_SETTINGS = ("seed", "epochs", "batch_size", "lr", "embed_dim", "temperature", "learn_temperature", "modalities",
+                 "pairs", "objective", "text_model")
+
+
+def settings_lines(info: dict[str, Any]) -> list[str]:
+    """The seeds and the run's training hyperparameters (from its ``runs/<run>/manifest.json``)."""
+    out = ["## Settings", "", f"Evaluation seed {info.get('seed')} (probe MLPs, baselines, bootstrap), training seed "
+           f"{info.get('train_seed', '-')}.", ""]
+    config = info.get("train_config") or {}
+    if not config:
+        return out + ["The run's training settings are unknown (its runs/ folder has no manifest).", ""]
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):  # a modality's own section
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    keys = [k for k in _KEY_SETTINGS if k in flat] + sorted(k for k in flat if k not in _KEY_SETTINGS)
+    rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else ("-" if v is None else str(v))] for k, v in
+            ((k, flat[k]) for k in keys)]
+    return out + ["Training hyperparameters of the run:", "", md_table(["setting", "value"], rows), ""]
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
@@ -151,10 +205,17 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     out.append("")
     out.append(f"Reproduce: `{info['command']}`")
     out.append("")
+    out += settings_lines(info)
+    carried = metrics.get("carried") or []
+    if carried:
+        stale = [n for n in carried if metrics.get(n, {}).get("stale")]
+        out += [f"This evaluate recomputed {', '.join(n for n in metrics if n in SECTION_ORDER and n not in carried)}; "
+                f"kept from an earlier one: {', '.join(carried)}"
+                + (f" (**stale**: {', '.join(stale)}, whose inputs changed since)." if stale else "."), ""]
 
     probes = metrics.get("probes")
     if probes is not None:
-        out += ["## Property probes (regression)", "",
+        out += ["## Property probes (regression)", "", *section_note(probes, "probes"),
                 "Ridge (penalty chosen on val) and a one-hidden-layer MLP fitted on the train split's frozen "
                 "embeddings, scored on test; one dummy predicts the train mean, the other the train median (on a "
                 "target that is mostly one value, such as band gaps that are mostly 0, the median dummy is the floor "
@@ -162,7 +223,9 @@ def render_markdown(metrics: dict[str, Any]) -> str:
                 "are trained on the same split with the same encoders and scored on the same test materials "
                 "that have their inputs.", ""]
         for prop in probes["regression"]:
-            out += [f"### {prop}", "", md_table(["model", "embedding / input", "MAE", "RMSE", "R²", "n test"],
+            unit = unit_of(prop)
+            out += [f"### {prop}", "", md_table(["model", "embedding / input", f"MAE ({unit})", f"RMSE ({unit})",
+                                                 "R² (1 = perfect)", "n test (materials)"],
                                                 target_rows(metrics, "regression", prop)), ""]
         out += ["## Classification probes", "",
                 "Logistic regression (penalty chosen on val) and an MLP, scored on test beside a dummy that always "
@@ -170,7 +233,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         for task, source in probes.get("label_sources", {}).items():
             if task in probes["classification"]:
                 out += [f"### {task} (labels: {source})", "",
-                        md_table(["model", "embedding", "accuracy", "macro F1", "ROC AUC", "n test"],
+                        md_table(["model", "embedding", "accuracy (share)", "macro F1 (0-1)", "ROC AUC (0-1)",
+                                  "n test (materials)"],
                                  target_rows(metrics, "classification", task)), ""]
         if probes["skipped"]:
             out += ["Probes not run: " + "; ".join(f"{s['target']} on {s['table']} ({s['reason']})"
@@ -178,10 +242,13 @@ def render_markdown(metrics: dict[str, Any]) -> str:
 
     retrieval = metrics.get("retrieval")
     if retrieval is not None:
-        out += ["## Cross-modal retrieval (test split)", "",
+        out += ["## Cross-modal retrieval (test split)", "", *section_note(retrieval, "retrieval"),
                 "Each test material with both modalities is a query and a gallery item; Recall@K, MRR and ranks "
                 "count its own match, mAP also counts the gallery materials of the same composition. Chance is "
-                "the expectation under a random ranking of the same gallery.", ""]
+                "the expectation under a random ranking of the same gallery. Recall@K and MRR are shares of the "
+                "queries (0-1); ± is the standard error over "
+                f"{retrieval.get('bootstrap', {}).get('resamples', 'bootstrap')} bootstrap resamples of the test "
+                "queries; ranks are positions in the gallery (1 = first).", ""]
         if retrieval["pairs"]:
             out += [md_table(retrieval_header(ks), retrieval_rows(metrics, ks)), ""]
         for s in retrieval["skipped"]:
@@ -190,7 +257,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
 
     synthesis = metrics.get("synthesis")
     if synthesis is not None:
-        out += ["## Synthesis match (test split)", "",
+        out += ["## Synthesis match (test split)", "", *section_note(synthesis, "synthesis"),
                 "Every recipe linked to a test material is scored against every test material by cosine "
                 "similarity (recipe text embedding vs the material's embedding). ROC AUC of the true pairs against "
                 "all mismatched pairs (random) and against mismatched materials sharing an element with the "
@@ -210,7 +277,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         if probes is not None:  # the per-target tables of the probe sections carry the baselines' rows
             description += (" They appear in the property and classification tables above, below the CMMA probes."
                              if _has_rows(baselines) else "")
-        out += ["## Baselines", "", description.strip(), ""]
+        out += ["## Baselines", "", *section_note(baselines, "baselines"), description.strip(), ""]
         if probes is None:  # no probe tables in this report: the baselines' own tables, target by target
             for kind, header in (("regression", ["model", "input", "MAE", "RMSE", "R²", "n test"]),
                                  ("classification", ["model", "input", "accuracy", "macro F1", "ROC AUC", "n test"])):
@@ -239,14 +306,16 @@ def render_markdown(metrics: dict[str, Any]) -> str:
 
     latent = metrics.get("latent")
     if latent is not None:
-        out += ["## Latent space", ""]
+        out += ["## Latent space", "", *section_note(latent, "latent")]
         out += [latent.get("description", ""), ""]
         for fig in latent.get("figures", []):
             out += [f"![{fig}](figures/{fig})", ""]
+        if latent.get("coordinates"):
+            out += [f"The maps' coordinates: `figures/{latent['coordinates']}` (material_id, method, x, y).", ""]
         if latent.get("purity"):
             out += ["Neighbourhood purity (share of each test material's "
                     f"{latent.get('purity_k')} nearest test neighbours with the same crystal system):", "",
-                    md_table(["embedding", "purity", "chance", "n"],
+                    md_table(["embedding", "purity (share)", "chance (share)", "n (materials)"],
                              [[t, s["purity"], s["chance"], s["n"]] for t, s in latent["purity"].items()]), ""]
         interp = latent.get("interpolation")
         if interp:
@@ -261,7 +330,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
 
     explain = metrics.get("explain")
     if explain is not None:
-        out += ["## What drives the similarity", "", explain.get("description", ""), ""]
+        out += ["## What drives the similarity", "", *section_note(explain, "explain"), explain.get("description", ""), ""]
         for ex in explain.get("examples", []):
             out += render_explanation(ex)
         if explain.get("note"):
@@ -294,15 +363,22 @@ def render_explanation(ex: dict[str, Any], figure_prefix: str = "figures/") -> l
 # --------------------------------------------------------------------------------------------- terminal
 
 
+def _name_column(table: Table, header: str, names: Any) -> None:
+    """A first column of names (properties, tasks, pairs) that is never cut: as wide as the longest name; the
+    number columns beside it wrap or shrink first."""
+    widest = max([len(header), *(len(str(n)) for n in names)])
+    table.add_column(header, justify="left", min_width=widest, no_wrap=True, overflow="fold")
+
+
 def print_summary(metrics: dict[str, Any], report_path: str) -> None:
     """Compact rich tables of the headline numbers (probes, retrieval, synthesis) on the console."""
     ks = metrics["run"]["ks"]
     probes = metrics.get("probes")
     if probes and probes["regression"]:
         table = Table(title="Property probes on the test split: MAE (R²)", title_justify="left")
-        for col in ("property", "n", "dummy mean / median", "CMMA ridge, unified", "best CMMA probe",
-                    "best supervised baseline"):
-            table.add_column(col, justify="left" if col == "property" else "right")
+        _name_column(table, "property", probes["regression"])
+        for col in ("n", "dummy mean / median", "CMMA ridge, unified", "best CMMA probe", "best supervised baseline"):
+            table.add_column(col, justify="right", overflow="fold")
         baselines = metrics.get("baselines", {}).get("regression", {})
         for prop, by_table in probes["regression"].items():
             first = next(iter(by_table.values()))
@@ -323,8 +399,9 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
     if probes and probes["classification"]:
         table = Table(title="Classification probes on the test split (logistic, unified: accuracy / macro F1 / AUC)",
                       title_justify="left")
-        for col in ("task", "majority acc", "accuracy", "macro F1", "ROC AUC", "n", "best supervised (F1)"):
-            table.add_column(col, justify="left" if col == "task" else "right")
+        _name_column(table, "task", probes["classification"])
+        for col in ("majority acc", "accuracy", "macro F1", "ROC AUC", "n", "best supervised (F1)"):
+            table.add_column(col, justify="right", overflow="fold")
         baselines = metrics.get("baselines", {}).get("classification", {})
         for task, by_table in probes["classification"].items():
             s = by_table.get("unified") or next(iter(by_table.values()))
@@ -338,12 +415,12 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
     retrieval = metrics.get("retrieval")
     if retrieval and retrieval["pairs"]:
         table = Table(title="Cross-modal retrieval on the test split (value / chance)", title_justify="left")
-        table.add_column("pair")
+        _name_column(table, "pair", retrieval["pairs"])
         table.add_column("n", justify="right")
         for k in ks:
-            table.add_column(f"R@{k}", justify="right")
-        table.add_column("MRR", justify="right")
-        table.add_column("median rank", justify="right")
+            table.add_column(f"R@{k}", justify="right", overflow="fold")
+        table.add_column("MRR", justify="right", overflow="fold")
+        table.add_column("median rank", justify="right", overflow="fold")
         for pair, s in retrieval["pairs"].items():
             table.add_row(esc(pair), str(s["queries"]), *(f"{s[f'recall@{k}']:.3f} / {s[f'chance_recall@{k}']:.3f}" for k in ks),
                           f"{s['mrr']:.3f} / {s['chance_mrr']:.3f}", f"{s['median_rank']:.0f} / {s['chance_median_rank']:.0f}")
@@ -351,8 +428,9 @@ def print_summary(metrics: dict[str, Any], report_path: str) -> None:
     synthesis = metrics.get("synthesis")
     if synthesis and synthesis["by_modality"]:
         table = Table(title="Synthesis match on the test split (ROC AUC; 0.5 is chance)", title_justify="left")
-        for col in ("material side", "recipes", "true pairs", "AUC random", "AUC hard"):
-            table.add_column(col, justify="left" if col == "material side" else "right")
+        _name_column(table, "material side", synthesis["by_modality"])
+        for col in ("recipes", "true pairs", "AUC random", "AUC hard"):
+            table.add_column(col, justify="right", overflow="fold")
         for m, s in synthesis["by_modality"].items():
             table.add_row(esc(m), str(s["recipes"]), str(s["true_pairs"]), fmt(s["auc_random"]), fmt(s["auc_hard"]))
         console.print(table)

@@ -114,11 +114,14 @@ class BatchDataset(torch.utils.data.Dataset):
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """This rank's training batches of one epoch: a seeded shuffle of ``rows`` cut into full batches.
+    """This rank's training batches of one epoch: a seeded shuffle of ``rows`` cut into batches, every row in one.
 
-    Step ``s`` of rank ``r`` takes slice ``(s * world + r) * batch_size`` of the permutation, so the
+    Step ``s`` of rank ``r`` takes slice ``(s * world + r) * batch_size`` of the epoch's order, so the
     ranks together see ``world * batch_size`` distinct materials per step and every rank the same
-    number of equal-sized batches (what the all-gather of the loss needs). Call :meth:`set_epoch`.
+    number of equal-sized batches (what the all-gather of the loss needs). When ``rows`` does not fill the
+    last step, that step is completed with rows drawn (seeded, per epoch) from the earlier steps, never
+    from its own: every row is seen each epoch, and no material meets itself as a negative. Call
+    :meth:`set_epoch`.
     """
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1):
@@ -130,10 +133,26 @@ class EpochBatches(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.rows) // (self.batch_size * self.world)
+        return -(-len(self.rows) // (self.batch_size * self.world))  # ceil: the last, partial step is padded
+
+    def order(self) -> np.ndarray:
+        """The epoch's order over all ranks: a permutation of ``rows``, padded to whole steps (see the class)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.rows)
+        step = self.batch_size * self.world
+        short = len(self) * step - len(order)
+        if short:
+            tail = len(order) % step
+            pool = len(order) - tail  # the rows of the full steps
+            if pool >= short:
+                fill = rng.choice(pool, size=short, replace=False)
+            else:  # fewer rows than one step (training lowers the batch size first): repeats cannot be avoided
+                fill = rng.integers(0, len(order), size=short)
+            order = np.concatenate([order, order[fill]])
+        return order
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+        order = self.order()
         for step in range(len(self)):
             start = (step * self.world + self.rank) * self.batch_size
             yield order[start : start + self.batch_size], (self.seed, self.epoch, step, self.rank)

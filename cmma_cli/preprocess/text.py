@@ -40,6 +40,10 @@ _UNIT_PATTERNS = [
     (re.compile(_NUM + r"\s*(?:h|hr|hrs|hour|hours)(?![A-Za-z])"), r"\1 h"),
     (re.compile(_NUM + r"\s*(?:min|mins|minute|minutes)(?![A-Za-z])"), r"\1 min"),
 ]
+#: Free-text kelvin and day quantities (a range or one number), converted as the structured fields are: kelvin to
+#: whole °C, days and weeks to hours. A bare "d" is left alone (``3 d orbitals``).
+_KELVIN_TEXT = re.compile(_NUM + r"(?:\s*(?:-|~|to)\s*(\d+(?:\.\d+)?))?\s*(?:K|kelvin|Kelvin)(?![A-Za-z0-9])")
+_DAYS_TEXT = re.compile(_NUM + r"(?:\s*(?:-|~|to)\s*(\d+(?:\.\d+)?))?\s*(days?|weeks?)(?![A-Za-z])", re.IGNORECASE)
 _UNIT = r"(?=\s*(?:°C|K|h|min|s)(?![A-Za-z0-9]))"
 _RANGE = re.compile(_NUM + r"\s*(?:-|~|to)\s*(\d+(?:\.\d+)?)" + _UNIT)
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,;:!?)\]])")
@@ -70,6 +74,8 @@ def normalize_text(text: str | None) -> str:
         return ""
     text = unicodedata.normalize("NFKC", str(text)).translate(_CHAR_MAP)
     text = _scrub(text)
+    text = _KELVIN_TEXT.sub(_kelvin_to_celsius, text)
+    text = _DAYS_TEXT.sub(_days_to_hours, text)
     for pattern, replacement in _UNIT_PATTERNS:
         text = pattern.sub(replacement, text)
     text = _RANGE.sub(r"\1-\2", text)
@@ -77,6 +83,19 @@ def normalize_text(text: str | None) -> str:
     text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
     text = _SPACE_AFTER_OPEN.sub(r"\1", text)
     return _SPACE_BEFORE_STOP.sub(".", text).strip()
+
+
+def _kelvin_to_celsius(match: re.Match) -> str:
+    """``1073 K`` -> ``800 °C``, ``1073-1173 K`` -> ``800-900 °C`` (whole degrees, as the structured fields)."""
+    numbers = [float(v) for v in match.groups() if v is not None]
+    return "-".join(_number(float(round(v - 273.15))) for v in numbers) + " °C"
+
+
+def _days_to_hours(match: re.Match) -> str:
+    """``3 days`` -> ``72 h``, ``1-2 weeks`` -> ``168-336 h`` (as the structured fields)."""
+    first, second, unit = match.groups()
+    factor = _TIME_UNITS[unit.lower()][1]
+    return "-".join(_number(float(v) * factor) for v in (first, second) if v is not None) + " h"
 
 
 def _scrub(text: str) -> str:

@@ -28,16 +28,79 @@ def resolve_model(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+#: Seconds the Hugging Face Hub gets to accept a connection before a model id that is neither a local folder nor
+#: cached is given up on (the hub client itself retries for over a minute offline).
+HUB_TIMEOUT = 5.0
+_TRUE = ("1", "true", "yes", "on")
+
+
+def is_cached(name: str) -> bool:
+    """Whether the Hugging Face cache holds model ``name`` (so it loads with ``local_files_only``, offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for repo in dict.fromkeys([name, f"sentence-transformers/{name}"]):
+        try:
+            if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+                return True
+        except Exception:  # not a valid repo id: not cached
+            continue
+    return False
+
+
+def hub_problem(timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (offline mode set, no name resolution, no connection
+    within ``timeout`` s), or None when it accepts a connection."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var} is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answer.append(None)
+        except OSError as exc:
+            answer.append(f"{host} is unreachable ({type(exc).__name__})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # a name lookup ignores socket timeouts: bound it here
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else f"{host} did not answer within {timeout:g} s"
+
+
 def load_sentence_model(name: str, device: str = "cpu"):
-    """A fresh ``SentenceTransformer`` for ``name``, or one sentence saying how to fix the name."""
+    """A fresh ``SentenceTransformer`` for ``name``, or one sentence saying how to fix the name.
+
+    A name that is neither a local folder nor in the Hugging Face cache needs the Hub: when it cannot be reached
+    the answer comes in seconds, not after the hub client's minute of retries."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    location = resolve_model(name)
+    local = Path(location).exists()
+    cached = not local and is_cached(location)
+    if not local and not cached:
+        problem = hub_problem()
+        if problem:
+            raise CMMAError(
+                f"The text model {name!r} is not a local folder and not in the Hugging Face cache, and the Hub cannot "
+                f"be reached ({problem}): pass --text-model a local folder, download the model on a machine with a "
+                f"network first, or use the offline default {BUILTIN_MODEL}.")
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between our own progress output
 
     try:
-        return SentenceTransformer(resolve_model(name), device=device)
+        if cached:
+            return SentenceTransformer(location, device=device, local_files_only=True)
+        return SentenceTransformer(location, device=device)
     except Exception as exc:  # hub errors, missing files, bad configs: all one answer for the user
         raise CMMAError(
             f"Could not load the text model {name!r} ({type(exc).__name__}): pass --text-model a local folder "
@@ -51,6 +114,15 @@ def sentence_dim(name: str) -> int:
     return int(load_sentence_model(name).get_embedding_dimension())
 
 
+@lru_cache(maxsize=2)
+def frozen_sentence_model(name: str, max_length: int, device: str = "cpu"):
+    """The frozen sentence model ``name``, loaded once per process: a warm session (``cmma serve``, the Python
+    API) encodes each query text without loading it again."""
+    model = load_sentence_model(name, device)
+    model.max_seq_length = max_length
+    return model.requires_grad_(False).eval()
+
+
 def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> np.ndarray:
     """Frozen-model embeddings of ``texts``, computing only those missing from the workspace cache."""
     ident = f"{spec['model']}|{spec['max_length']}"
@@ -62,8 +134,7 @@ def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> n
     keys = [text_key(t) for t in texts]
     missing = [i for i, k in enumerate(keys) if k not in known]
     if missing:
-        model = load_sentence_model(spec["model"], "cuda" if torch.cuda.is_available() else "cpu")
-        model.max_seq_length = spec["max_length"]
+        model = frozen_sentence_model(spec["model"], spec["max_length"], "cuda" if torch.cuda.is_available() else "cpu")
         from cmma_cli.console import progress
 
         with progress() as bar:
@@ -112,9 +183,7 @@ class TextEncoder(nn.Module):
         if not self.frozen:
             return self.backbone
         if self._frozen_backbone is None:
-            model = load_sentence_model(self.spec["model"])
-            model.max_seq_length = self.spec["max_length"]
-            model.requires_grad_(False).eval()
+            model = frozen_sentence_model(self.spec["model"], self.spec["max_length"])
             object.__setattr__(self, "_frozen_backbone", model)  # not a submodule: never trained or saved
         return self._frozen_backbone
 
