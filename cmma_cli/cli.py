@@ -14,7 +14,8 @@ import typer
 
 from cmma_cli import __version__
 from cmma_cli.console import console
-from cmma_cli.config import EmbedConfig, EvaluateConfig, FetchConfig, PreprocessConfig, RetrieveConfig, TrainConfig
+from cmma_cli.config import (EmbedConfig, EvaluateConfig, FetchConfig, IdentifyConfig, PreprocessConfig, RetrieveConfig,
+                             TrainConfig)
 from cmma_cli.errors import CMMAError
 from cmma_cli.options import with_config
 
@@ -365,3 +366,63 @@ def retrieve(
 
     q = Query(**queries, material=material)
     run_retrieve(Workspace.resolve(workspace), q, cfg, as_json=as_json)
+
+
+@app.command()
+@_friendly
+@with_config(IdentifyConfig, "identify")
+def identify(
+    patterns: Annotated[list[Path], typer.Argument(help="Measured powder patterns: two-column text (.xy, .xye, .csv, "
+                                                        ".dat, .txt), PANalytical .xrdml, or CIFs with _pd_meas_ data.",
+                                                   show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")] = False,
+    workspace: WorkspaceOpt = None,
+    *,
+    cfg: IdentifyConfig,
+) -> None:
+    """Which known phases a measured powder XRD pattern contains: candidates from the workspace's materials (and
+    --references CIFs) are recalled by pattern similarity (and a trained run's XRD encoder), then fitted with zero
+    shift, lattice strain and peak width free; mixtures are decomposed phase by phase with weight fractions.
+
+    Examples:
+
+      cmma identify sample.xy --elements Li,Mn,Ti,O
+
+      cmma identify scan.xrdml --references my_cifs/ --max-phases 2
+
+      cmma identify pattern.xy --wavelength MoKa --json
+    """
+    from cmma_cli.identify.pipeline import run_identify
+    from cmma_cli.workspace import Workspace
+
+    run_identify(Workspace.resolve(workspace), list(patterns), cfg, as_json=as_json)
+
+
+@app.command()
+@_friendly
+def serve(
+    run: Annotated[Optional[str], typer.Option(help="Serve the embeddings of this run (default: the newest).",
+                                               show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+                                           "interface, without any authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
+    threads: Annotated[int, typer.Option(help="CPU threads per query (1 answers fastest on a shared machine).",
+                                         min=1)] = 1,
+    device: Annotated[str, typer.Option(help="Where query encoders run: cpu | cuda[:N].")] = "cpu",
+    warm: Annotated[bool, typer.Option("--warm/--lazy", help="Load every model a query needs before serving "
+                                                             "(--lazy: on the first query that needs it).")] = True,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Serve a run over HTTP: JSON endpoints (/search, /encode, /identify, /materials/ID, /map, /health) and a search
+    page with a map of the latent space at http://HOST:PORT/. The run is loaded once; queries answer warm.
+
+    Examples:
+
+      cmma serve                       # the newest run, http://127.0.0.1:8000/
+
+      cmma serve --run demo --port 8765
+    """
+    from cmma_cli.serve import run_serve
+    from cmma_cli.workspace import Workspace
+
+    run_serve(Workspace.resolve(workspace), run, host=host, port=port, threads=threads, device=device, warm=warm)

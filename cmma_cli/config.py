@@ -287,7 +287,9 @@ class PreprocessConfig:
     sections each modality declares; these are the stage's own.
     """
 
-    max_sites: int | None = None  # structures with more sites are rejected (None: no cap)
+    max_sites: int | None = 1000  # structures with more sites are rejected, before any work on them (None: no cap)
+    max_volume: float | None = 50_000.0  # structures whose cell is larger (cubic Angstrom) are rejected, before any work on them (None: no cap)
+    max_reflections: int | None = 200_000  # structures whose computed XRD pattern would need more reflections (about 4.2 (2 sin(theta_max) / wavelength)^3 V) are rejected (None: no cap)
     split_by: str = field(default="composition", metadata={"choices": ("composition", "chemsys")})  # group splits by reduced composition, or by chemical system: chemsys
     val_fraction: float = 0.1  # share of materials in the validation split
     test_fraction: float = 0.1  # share of materials in the test split
@@ -332,6 +334,7 @@ class TrainConfig:
     seed: int = 0  # seeds the initialisation, batch order, text sampling, augmentation and dropout
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     workers: int | None = None  # data-loader processes per rank (None: 4 on GPU, 0 on CPU); does not change results
+    resume_any_data: bool = False  # with --resume: continue even though processed/ changed since the checkpoint (a new split can put materials it trained on into val/test)
     settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)
 
     @property
@@ -360,11 +363,31 @@ class RetrieveConfig:
 
     run: str | None = None  # search the embeddings of this run (None: the newest)
     source: str | None = field(default=None, metadata={"long": "--from"})  # the modality that encodes the query, or unified (None: what the query is)
-    target: str | None = field(default=None, metadata={"long": "--to"})  # the embeddings table to search: a modality, an extra table (synthesis) or unified (None: the first modality, else unified)
+    target: str | None = field(default=None, metadata={"long": "--to"})  # the embeddings table to search: a modality, an extra table (synthesis), unified, or inputs/NAME (or inputs/NAME/TABLE) for what `cmma embed --input` wrote to embeddings/<run>/inputs/NAME/ (None: the first modality, else unified)
     k: int = field(default=10, metadata={"long": "--top", "short": "-k", "min": 1})  # results to return
     filters: list[str] = field(default_factory=list, metadata={"long": "--filter"})  # property filters, repeatable: "band_gap>1", "crystal_system==cubic"
     device: str = "cpu"  # where query encoders run (one query: the CPU is as fast as a GPU)
     threads: int | None = field(default=None, metadata={"min": 1})  # CPU threads for encoding and search (None: one per core; 1 is fastest on a busy machine)
+
+
+#: Which recall proposes the candidates ``cmma identify`` fits (auto: both when a run has embeddings, else cosine).
+RECALLS = ("auto", "both", "learned", "cosine")
+
+
+@dataclass
+class IdentifyConfig:
+    """``cmma identify``: which phases a measured powder pattern holds, among a workspace's materials and references."""
+
+    references: list[str] = field(default_factory=list)  # reference CIFs or folders of them, searched beside the workspace's materials
+    elements: list[str] = field(default_factory=list)  # elements the sample may contain, e.g. Li,Mn,O: candidates with any other are left out
+    chemsys: str | None = None  # the same as a chemical system, e.g. Li-Mn-O
+    wavelength: str | None = None  # X-ray wavelength when the file states none: a name (CuKa, MoKa) or angstrom (None: the workspace's, CuKa by default)
+    max_phases: int = field(default=3, metadata={"min": 1})  # the most phases a mixture is decomposed into
+    min_gain: float = 0.15  # a further phase must lower the misfit by this fraction of what is left
+    recall: str = field(default="auto", metadata={"choices": RECALLS})  # auto | both | learned | cosine: which ranking proposes candidates
+    candidates: int = field(default=100, metadata={"min": 1})  # candidates the recall passes to the physics fit, per phase
+    k: int = field(default=5, metadata={"long": "--top", "short": "-k", "min": 1})  # ranked candidates shown per phase
+    run: str | None = None  # the trained run whose XRD encoder does the learned recall (None: the newest with embeddings)
 
 
 @with_sections("evaluate_config")
