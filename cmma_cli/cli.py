@@ -14,8 +14,8 @@ import typer
 
 from cmma_cli import __version__
 from cmma_cli.console import console
-from cmma_cli.config import (EmbedConfig, EvaluateConfig, FetchConfig, IdentifyConfig, PreprocessConfig, RetrieveConfig,
-                             TrainConfig)
+from cmma_cli.config import (EmbedConfig, EvaluateConfig, FetchConfig, IdentifyConfig, PreprocessConfig, RecommendConfig,
+                             RetrieveConfig, TrainConfig)
 from cmma_cli.errors import CMMAError
 from cmma_cli.options import with_config
 
@@ -426,3 +426,41 @@ def serve(
     from cmma_cli.workspace import Workspace
 
     run_serve(Workspace.resolve(workspace), run, host=host, port=port, threads=threads, device=device, warm=warm)
+
+
+@app.command()
+@_friendly
+@with_config(RecommendConfig, "recommend")
+def recommend(
+    target: Annotated[Optional[str], typer.Argument(help="What to make: a formula (LiFePO4), a CIF file, or a material "
+                                                         "id of the workspace.", show_default=False)] = None,
+    recipes: Annotated[Optional[Path], typer.Option("--recipes", help="Recipe file to recommend from (JSON / JSON lines, "
+                                                    ".gz/.xz; default: the workspace's raw/recipes.parquet, else "
+                                                    "raw/synthesis.parquet).", show_default=False)] = None,
+    score: Annotated[Optional[Path], typer.Option("--score", help="Score this recipe (JSON: {\"precursors\": [...]} or "
+                                                  "a recipe in the text-mined layout) for --target instead of "
+                                                  "proposing.", show_default=False)] = None,
+    target_opt: Annotated[Optional[str], typer.Option("--target", help="The target, with --score.",
+                                                      show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable results on stdout.")] = False,
+    workspace: WorkspaceOpt = None,
+    *,
+    cfg: RecommendConfig,
+) -> None:
+    """Precursor sets and conditions for a target, from the nearest known syntheses: the recipes whose targets are
+    closest in composition propose their precursors, carried over by element substitution, with their DOI,
+    reaction and heating steps as evidence.
+
+    Examples:
+
+      cmma recommend LiFePO4 --recipes solid-state_dataset_2019-12-03.json.xz
+
+      cmma recommend mp-19017 -k 3 --json
+
+      cmma recommend --score my_recipe.json --target LiCoO2
+    """
+    from cmma_cli.recommend import run_recommend
+    from cmma_cli.workspace import Workspace
+
+    run_recommend(Workspace.resolve(workspace), target_opt or target, cfg, recipes_file=recipes, score=score,
+                  as_json=as_json)

@@ -417,3 +417,13 @@ class EvaluateConfig:
     seed: int = 0  # seeds the probes, the baselines and the maps
     device: str = "auto"  # where supervised baselines train (and ablation runs embed): auto | cpu | cuda[:N]
     settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)
+
+
+@dataclass
+class RecommendConfig:
+    """``cmma recommend``: how many precursor sets to propose, from how many neighbouring recipes."""
+
+    k: int = field(default=5, metadata={"long": "--top", "short": "-k", "min": 1})  # precursor sets to propose
+    neighbours: int = field(default=40, metadata={"min": 1})  # nearest known recipes (by target composition) that vote
+    evidence: int = field(default=3, metadata={"min": 0})  # source recipes shown per proposal
+    element_embeddings: str | None = None  # JSON {element: vector} to compare compositions by (e.g. matminer's matscholar_els.json; None: element fractions)

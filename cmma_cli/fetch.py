@@ -128,6 +128,10 @@ def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force
     write_table(raw.synthesis, ws.raw / "synthesis.parquet")
     write_table(raw.descriptions, ws.raw / "descriptions.parquet")
     write_table(rejects_frame(raw.rejects), ws.raw / "rejects.parquet")
+    if raw.recipes is not None:  # every recipe read, with or without a structure (cmma recommend reads them)
+        write_table(raw.recipes, ws.raw / "recipes.parquet")
+    else:
+        (ws.raw / "recipes.parquet").unlink(missing_ok=True)
     rows = {
         "materials": len(raw.materials),
         "synthesis_links": len(raw.synthesis),
@@ -136,6 +140,8 @@ def run_fetch(ws: Workspace, cfg: FetchConfig, api_key: str | None = None, force
         "descriptions": len(raw.descriptions),
         "rejects": len(raw.rejects),
     }
+    if raw.recipes is not None:
+        rows["all_recipes"] = len(raw.recipes)
     seconds = time.perf_counter() - start
     manifest = write_manifest(
         ws.raw, "fetch", config, rows=rows,

@@ -26,7 +26,7 @@ import pandas as pd
 
 from cmma_cli.console import progress
 from cmma_cli.errors import CMMAError
-from cmma_cli.sources.recipes import link_recipes, read_recipe_file
+from cmma_cli.sources.recipes import link_recipes, read_recipe_file, recipe_table
 from cmma_cli.sources.schema import MATERIAL_COLUMNS, PROPERTY_ALIASES, RawData, conform_descriptions, conform_materials
 from cmma_cli.sources.structures import material_record, parse_cif
 
@@ -167,7 +167,7 @@ def load_local(paths: list[str], workers: int | None = None) -> RawData:
         raise CMMAError(f"None of the {len(items)} structures could be read (see the rejects): check the CIF text.")
     materials, extra = conform_materials(pd.DataFrame(rows))
 
-    synthesis = []
+    synthesis, every_recipe = [], []
     recipe_counts: dict[str, int] = {}
     for path in recipe_files:
         try:
@@ -180,6 +180,7 @@ def load_local(paths: list[str], workers: int | None = None) -> RawData:
         for r in records:
             if isinstance(r, dict) and default_type and not r.get("synthesis_type"):
                 r["synthesis_type"] = default_type
+        every_recipe.append(recipe_table(records))
         links, counts, recipe_rejects = link_recipes(records, materials, source=f"local:{path.name}")
         rejects.extend(recipe_rejects)
         synthesis.append(links)
@@ -189,6 +190,8 @@ def load_local(paths: list[str], workers: int | None = None) -> RawData:
     raw = RawData(materials=materials, rejects=rejects, extra_properties=extra, counts=recipe_counts)
     if synth is not None:
         raw.synthesis = synth.drop_duplicates(["recipe_id", "material_id"]).reset_index(drop=True)
+    if every_recipe:
+        raw.recipes = pd.concat(every_recipe, ignore_index=True).drop_duplicates("recipe_id").reset_index(drop=True)
     if descriptions:
         raw.descriptions = conform_descriptions(pd.DataFrame(descriptions))
     return raw

@@ -101,6 +101,30 @@ def precursor_formulas(record: dict[str, Any]) -> list[str]:
     return out
 
 
+#: Columns of raw/recipes.parquet: every recipe read, one row each, whether or not a structure matches it.
+RECIPE_COLUMNS = ["recipe_id", "doi", "synthesis_type", "target_formula", "reaction_string", "precursors", "record"]
+
+
+def recipe_table(records: Iterable[Any]) -> pd.DataFrame:
+    """Every recipe (a JSON object naming a target) as one row, duplicates (same id) once, in
+    :data:`RECIPE_COLUMNS`; ``record`` is the whole recipe as JSON. Recommending and composition-side training
+    need the recipes whose target has no structure too."""
+    rows, seen = [], set()
+    for record in records:
+        if not isinstance(record, dict) or (target_formula(record) is None and not (record.get("target") or {}).get("mp_id")):
+            continue
+        rid = recipe_id(record)
+        if rid in seen:
+            continue
+        seen.add(rid)
+        rows.append({"recipe_id": rid, "doi": record.get("doi"), "synthesis_type": record.get("synthesis_type"),
+                     "target_formula": target_formula(record), "reaction_string": record.get("reaction_string"),
+                     "precursors": precursor_formulas(record), "record": json.dumps(record, default=str)})
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in RECIPE_COLUMNS})
+    return pd.DataFrame(rows, columns=RECIPE_COLUMNS)
+
+
 def link_recipes(
     records: Iterable[dict[str, Any]], materials: pd.DataFrame, source: str = "recipes"
 ) -> tuple[pd.DataFrame, dict[str, int], list[dict[str, str]]]:

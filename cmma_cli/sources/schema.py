@@ -192,3 +192,5 @@ class RawData:
     rejects: list[dict[str, str]] = field(default_factory=list)
     extra_properties: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    #: every recipe read (raw/recipes.parquet), linked or not; None when the source read no recipe file
+    recipes: pd.DataFrame | None = None
