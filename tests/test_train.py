@@ -297,3 +297,15 @@ def test_every_training_material_is_seen_each_epoch_in_equal_batches(n, batch, w
             for step in zip(*steps):  # no material twice in one step across the ranks: it would be its own negative
                 together = np.concatenate([b for b, _ in step])
                 assert len(set(together.tolist())) == len(together)
+
+
+def test_an_empty_val_split_is_named_as_empty(embedded_sample, tmp_path, cli):
+    """Not "has no material with two modalities" (what it said when val was empty)."""
+    ws = embedded_sample.copy(tmp_path / "ws")
+    out = cli("preprocess", "-w", ws.root, "--val-fraction", "0", "--force")
+    assert out.exit_code == 0, out.output
+    out = cli("train", "-w", ws.root, "--run", "noval", "--epochs", "1", "--modalities", "structure,xrd",
+              "--structure-encoder", "schnet", "--structure-hidden", "16", "--structure-layers", "1",
+              "--xrd-channels", "4", "--embed-dim", "16")
+    assert out.exit_code == 0, out.output
+    assert "The val split is empty" in " ".join(out.output.split()) and "two modalities" not in out.output

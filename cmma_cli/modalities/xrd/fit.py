@@ -18,7 +18,7 @@ compared as it is computed, but after fitting what a measurement changes:
   differences from texture lower it, but they do not move peaks, so the right phase keeps its lead.
 
 Mixtures (:func:`decompose`): the best phase is fitted, its scaled profile subtracted, and the residual searched
-again; the phases found are refitted together by non-negative least squares and a new phase is kept only while
+again, each further phase with the first one's zero shift (to :data:`SHIFT_AGREEMENT`: one sample, one instrument); the phases found are refitted together by non-negative least squares and a new phase is kept only while
 it lowers the misfit by at least ``min_gain`` (a fraction of the misfit before it). The fitted scale factors give
 weight fractions by Hill and Howard's relation ``W_p ∝ S_p · M_p · V_p`` (cell mass and volume), without an
 absorption correction.
@@ -40,6 +40,9 @@ STRAINS = np.linspace(-0.015, 0.015, 13)
 WIDTHS = (0.06, 0.1, 0.15, 0.22, 0.32, 0.45, 0.65)
 #: Zero shifts tried: up to this many degrees either way.
 MAX_SHIFT = 0.3
+#: Further phases of a mixture share the first one's zero shift to within this many degrees (instrument zero and
+#: sample displacement are the sample's, not a phase's).
+SHIFT_AGREEMENT = 0.1
 #: Lorentzian fraction of the pseudo-Voigt peak.
 ETA = 0.5
 #: A phase joins a mixture only while it lowers the misfit by at least this fraction.
@@ -168,8 +171,10 @@ class PhaseFit:
     profile: np.ndarray | None = field(default=None, repr=False)  # the rendering (unscaled), on the grid
 
 
-def fit_phase(d: np.ndarray, intensity: np.ndarray, observed: Observed, target: np.ndarray | None = None) -> PhaseFit:
-    """The zero shift, strain and peak width that best match ``target`` (default: the observed pattern).
+def fit_phase(d: np.ndarray, intensity: np.ndarray, observed: Observed, target: np.ndarray | None = None,
+              shifts: tuple[float, float] | None = None) -> PhaseFit:
+    """The zero shift, strain and peak width that best match ``target`` (default: the observed pattern); ``shifts``
+    narrows the zero shifts tried to ``(low, high)`` degrees (within ±:data:`MAX_SHIFT`).
 
     Every (strain, width) rendering and every shift is scored at once in Fourier space: the sticks of each
     strain are transformed once and multiplied by each peak shape's transform; correlating that with the
@@ -192,10 +197,12 @@ def fit_phase(d: np.ndarray, intensity: np.ndarray, observed: Observed, target: 
     power = np.abs(profiles) ** 2
     norms = np.sqrt((2 * power.sum(axis=-1) - power[..., 0] - power[..., -1]) / size)  # Parseval for rfft
     corr = np.fft.irfft(target_fft[None, None, :] * np.conj(profiles), size)  # [..., k] = <y, p moved by +k>
-    lags = np.r_[size - reach:size, 0:reach + 1]
-    scores = corr[..., lags] / (norm_y * np.where(norms > 0, norms, np.inf))[..., None]
+    moves = np.arange(-reach, reach + 1)
+    if shifts is not None:
+        moves = moves[(moves * step >= shifts[0] - 1e-9) & (moves * step <= shifts[1] + 1e-9)]
+    scores = corr[..., moves % size] / (norm_y * np.where(norms > 0, norms, np.inf))[..., None]
     i, j, k = np.unravel_index(int(np.argmax(scores)), scores.shape)
-    best = PhaseFit(float(scores[i, j, k]), float(STRAINS[i]), WIDTHS[j], (k - reach) * step)
+    best = PhaseFit(float(scores[i, j, k]), float(STRAINS[i]), WIDTHS[j], float(moves[k] * step))
     if best.score > 0:
         best.profile = render(d, intensity, grid, observed.wavelength, best.strain, best.fwhm, best.shift)
     return best
@@ -221,9 +228,10 @@ class Decomposition:
     fitted: np.ndarray = field(repr=False, default=None)
 
 
-def rank(proposed: list[tuple[Any, Any]], observed: Observed, target: np.ndarray | None = None) -> list[tuple[Any, PhaseFit]]:
+def rank(proposed: list[tuple[Any, Any]], observed: Observed, target: np.ndarray | None = None,
+         shifts: tuple[float, float] | None = None) -> list[tuple[Any, PhaseFit]]:
     """Candidates ``(key, reflections)`` fitted to ``target`` (default: the observed pattern), best first."""
-    fits = [(key, fit_phase(refl.d, refl.intensity, observed, target)) for key, refl in proposed]
+    fits = [(key, fit_phase(refl.d, refl.intensity, observed, target, shifts)) for key, refl in proposed]
     return sorted(fits, key=lambda t: -t[1].score)
 
 
@@ -246,7 +254,9 @@ def decompose(propose: Callable[[np.ndarray, set], list[tuple[Any, Any]]], obser
     target, misfit, coef = y, norm_y, np.zeros(0)
     for _ in range(max_phases):
         proposed = propose(np.clip(target, 0.0, None), {p.key for p in phases})
-        order = rank(proposed, observed, np.clip(target, 0.0, None))
+        # one sample, one instrument: every phase shares the first one's zero shift (within SHIFT_AGREEMENT)
+        shifts = None if not phases else (phases[0].fit.shift - SHIFT_AGREEMENT, phases[0].fit.shift + SHIFT_AGREEMENT)
+        order = rank(proposed, observed, np.clip(target, 0.0, None), shifts)
         ranked.append(order)
         if not order or order[0][1].profile is None:
             break
