@@ -320,6 +320,7 @@ class TrainConfig:
     predict_weight: float = 1.0  # weight of the property loss beside the contrastive one, for contrastive+predict
     epochs: int = 30  # passes over the train split
     batch_size: int = 128  # materials per process and step (negatives grow with the number of processes)
+    accumulate: int = field(default=1, metadata={"min": 1})  # micro-batches of batch_size per step: the step's batch (and its in-batch negatives) is accumulate x batch_size per process, for the memory of one micro-batch (open_clip's accum_freq)
     lr: float = 1e-3  # peak AdamW learning rate (encoders without their own rate, heads, temperature)
     weight_decay: float = 0.2  # AdamW weight decay as in CLIP (matrices only: not biases, norms, the temperature)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -334,6 +335,9 @@ class TrainConfig:
     seed: int = 0  # seeds the initialisation, batch order, text sampling, augmentation and dropout
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     workers: int | None = None  # data-loader processes per rank (None: 4 on GPU, 0 on CPU); does not change results
+    keep_checkpoints: int = field(default=3, metadata={"min": 0})  # keep the newest N checkpoints/epoch-NNN.pt (0: keep all); best.pt and last.pt always stay
+    projector: bool = True  # at the end, write the best model's val embeddings (at most 2,000 materials) to TensorBoard's embedding projector
+    wandb: bool = False  # also log the per-epoch metrics to Weights & Biases (needs `pip install wandb`; offline without an API key)
     resume_any_data: bool = False  # with --resume: continue even though processed/ changed since the checkpoint (a new split can put materials it trained on into val/test)
     settings: dict[str, Any] = field(default_factory=dict, repr=False)  # one section per modality (with_sections)
 

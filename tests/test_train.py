@@ -65,7 +65,8 @@ def test_training_lowers_the_validation_loss_and_retrieves_far_above_chance(trai
 def test_a_run_folder_holds_config_checkpoints_best_metrics_and_tensorboard(trained, sample_ws):
     assert load_toml_section(trained / "config.toml", "train", TrainConfig) == {
         k: v for k, v in flat_dict(FAST).items() if v is not None}
-    assert sorted(p.name for p in (trained / "checkpoints").glob("*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, 9)]
+    # the newest 3 epochs (--keep-checkpoints 3, the default); best.pt and last.pt are copies that always stay
+    assert sorted(p.name for p in (trained / "checkpoints").glob("*.pt")) == [f"epoch-{e:03d}.pt" for e in range(6, 9)]
     rows = metrics(trained)
     best_epoch = min(rows, key=lambda r: r["val_loss"])["epoch"]
     assert read_checkpoint(trained / "best.pt")["epoch"] == best_epoch
@@ -262,6 +263,9 @@ def test_training_copes_with_missing_modalities_and_modality_dropout(sample_ws, 
     descriptions = [d if k else None for d, k in zip(table["description"].to_pylist(), keep)]
     table = table.set_column(table.schema.get_field_index("description"), "description", pa.array(descriptions, pa.string()))
     pq.write_table(table, ws.processed / "materials.parquet")
+    from cmma_cli.workspace import reseal
+
+    reseal(ws.processed)  # a deliberate edit (a swapped stage file is refused otherwise)
 
     cfg = replace(FAST, modalities=["structure", "text", "xrd"], epochs=2, batch_size=16, modality_dropout=0.3)
     run_train(ws, cfg, run="sparse")

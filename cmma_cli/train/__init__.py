@@ -18,12 +18,20 @@ the ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and ``
 ``batch_size`` is per rank: the loss gathers every rank's features, so the negatives grow with the
 number of ranks.
 
+Large contrastive batches on small memory: ``--accumulate N`` makes each step N micro-batches of ``batch_size``
+(open_clip's ``accum_freq``): every micro-batch's embeddings are computed without gradient and cached, then each is
+recomputed with gradient and the loss taken against the cached embeddings of the others, so the in-batch negatives
+span all ``N x batch_size x ranks`` materials of the step and the gradient is the one of that whole batch (a plain
+sum of micro-batch losses would only contrast within each micro-batch). It costs one extra forward per micro-batch.
+
 Run folder ``<ws>/runs/<run>/`` (:class:`~cmma_cli.workspace.RunFiles`)::
 
     config.toml            the [train] config (usable with --config)
-    checkpoints/epoch-NNN.pt, last.pt, best.pt
+    checkpoints/epoch-NNN.pt  the newest --keep-checkpoints (3) epochs (0: all); last.pt, best.pt (copies) always
     metrics.csv            one row per epoch: losses per pair, R@1 per direction, lr, temperature, speed
-    tensorboard/           events (per step and per epoch)
+    tensorboard/           events (per step and per epoch), and at the end the embedding projector (--projector):
+                           best.pt's val embeddings of each modality with material_id, formula, crystal system
+    wandb/                 with --wandb (pip install wandb): the per-epoch metrics, offline without an API key
     manifest.json          written when training finishes
 
 The modules, one job each:
@@ -34,19 +42,20 @@ The modules, one job each:
 - :mod:`~cmma_cli.train.loop`: one rank's training, one epoch at a time, and the objective;
 - :mod:`~cmma_cli.train.validation`: the validation losses and R@1 (R@1 by :mod:`cmma_cli.evaluate.metrics`,
   the code ``cmma evaluate`` scores retrieval with);
-- :mod:`~cmma_cli.train.runlog`: what rank 0 records: metrics.csv, config.toml, checkpoints, TensorBoard
-  events, the progress bar, the printed lines and the summary table.
+- :mod:`~cmma_cli.train.runlog`: what rank 0 records: metrics.csv, config.toml, checkpoints (and their pruning),
+  TensorBoard events, W&B, the progress bar, the printed lines and the summary table;
+- :mod:`~cmma_cli.train.projector`: the best model's embeddings for TensorBoard's projector.
 """
 
 from __future__ import annotations
 
 from cmma_cli.train.data import read_splits, usable
 from cmma_cli.train.launch import STAGE, Plan, devices, make_plan, run_train, torchrun_env
-from cmma_cli.train.loop import lr_factor, objective_loss, param_groups, train_rank
+from cmma_cli.train.loop import accumulated_backward, lr_factor, objective_loss, param_groups, train_rank
 from cmma_cli.train.runlog import write_config_toml
 from cmma_cli.train.validation import validate
 
 __all__ = [
-    "STAGE", "Plan", "devices", "lr_factor", "make_plan", "objective_loss", "param_groups", "read_splits",
+    "STAGE", "Plan", "accumulated_backward", "devices", "lr_factor", "make_plan", "objective_loss", "param_groups", "read_splits",
     "run_train", "torchrun_env", "train_rank", "usable", "validate", "write_config_toml",
 ]

@@ -31,6 +31,7 @@ from cmma_cli.modalities.base import Context
 from cmma_cli.model import model_spec, read_checkpoint, spec_mismatch
 from cmma_cli.train.data import data_identity, read_splits
 from cmma_cli.train.loop import DIST_TIMEOUT, Plan, train_rank
+from cmma_cli.train.runlog import import_wandb
 from cmma_cli.workspace import RunFiles, Workspace, manifest_hash, read_manifest, require_stage, stage_lock
 
 STAGE = "train"
@@ -93,9 +94,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its modality list cleaned, or one sentence about the first bad option."""
     cfg = replace(validate(cfg), modalities=check_modalities(cfg.modalities))
     parse_pairs(cfg.pairs, cfg.modalities)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "accumulate"):
         if getattr(cfg, name) < 1:
             raise CMMAError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}.")
+    if cfg.wandb:
+        import_wandb()  # one sentence (pip install wandb) before any work when it is missing
+    if cfg.keep_checkpoints < 0:
+        raise CMMAError(f"--keep-checkpoints must be 0 (keep all) or more, not {cfg.keep_checkpoints}.")
     if cfg.lr <= 0:
         raise CMMAError(f"--lr must be positive, not {cfg.lr}.")
     for m in cfg.modalities:

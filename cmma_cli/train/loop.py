@@ -29,6 +29,7 @@ from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import BatchDataset, EpochBatches, MaterialSet, to_device
 from cmma_cli.model import build_model, read_checkpoint
 from cmma_cli.train.data import data_identity, read_splits, usable
+from cmma_cli.train.projector import projector_rows, projector_tables
 from cmma_cli.train.runlog import RunLog, describe
 from cmma_cli.train.validation import validate
 from cmma_cli.workspace import RunFiles, Workspace, require_stage
@@ -100,6 +101,94 @@ def objective_loss(objective: str, weight: float, loss_fn: MultiModalInfoNCE, fe
     return total + weight * prop, {**parts, "predict": prop}
 
 
+class MicroBatches(torch.utils.data.Dataset):
+    """:class:`BatchDataset` cut into ``accumulate`` micro-batches: a key ``(rows, seed)`` of one optimizer step (the
+    ``accumulate * batch_size`` rows of :class:`EpochBatches`) collates as a list of ``accumulate`` batches.
+
+    With ``accumulate`` 1 the one batch is collated exactly as :class:`BatchDataset` does (same random draws); micro-
+    batch ``j`` of a step draws from ``(*seed, j)``.
+    """
+
+    def __init__(self, materials: MaterialSet, dropout: float = 0.0, accumulate: int = 1):
+        self.batches, self.accumulate = BatchDataset(materials, dropout), accumulate
+
+    def __getitem__(self, key: tuple[np.ndarray, tuple[int, ...] | None]) -> list[dict]:
+        rows, seed = key
+        if self.accumulate == 1:
+            return [self.batches[key]]
+        return [self.batches[(part, None if seed is None else (*seed, j))]
+                for j, part in enumerate(np.array_split(rows, self.accumulate))]
+
+
+def _stack(parts: list[dict[str, torch.Tensor]], live: int, fresh: dict[str, torch.Tensor], rows: list[int],
+           width: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{m: cat over micro-batches}``, micro-batch ``live`` taken from ``fresh`` (with gradient), the others from
+    ``parts`` (cached, without); a modality a micro-batch lacks is zeros there (its mask is False)."""
+    names = list(dict.fromkeys(m for p in [*parts, fresh] for m in p))
+    out = {}
+    for m in names:
+        blocks = []
+        for j, n in enumerate(rows):
+            got = (fresh if j == live else parts[j]).get(m)
+            blocks.append(got if got is not None else like.new_zeros(n, width))
+        out[m] = torch.cat(blocks)
+    return out
+
+
+def accumulated_backward(model: torch.nn.Module, batches: list[dict], loss_fn: MultiModalInfoNCE, objective: str,
+                         weight: float, autocast: Any = None, predicting: bool = False,
+                         raw: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of one optimizer step made of ``batches`` (micro-batches): gradients land in ``.grad``.
+
+    One micro-batch: the plain forward and backward. Several (``--accumulate``): open_clip's ``accum_freq`` scheme, so
+    the in-batch negatives span every micro-batch, not one at a time as a plain sum of micro-batch losses would:
+    first every micro-batch's embeddings (and property predictions) without gradient, cached; then each micro-batch
+    again with gradient, the loss taken over all of them (its own fresh rows beside the cached rows of the others),
+    and backward. Each pass's gradient is the full-batch loss's gradient through that micro-batch's rows, so their sum
+    is the gradient of one step over the whole batch (the logit scale, which every pass uses, counts 1/N per pass).
+    Under DDP only the last backward synchronises (``no_sync``). Needs a forward that treats rows independently (no
+    batch norm) and is deterministic (no dropout): true of every encoder here.
+
+    Returns the detached loss and its parts (the value over the whole step's batch).
+    """
+    autocast = autocast if autocast is not None else nullcontext()
+    raw = raw if raw is not None else model
+    if len(batches) == 1:
+        b = batches[0]
+        with autocast:
+            features, scale, *predictions = model(b["inputs"], b["masks"], with_predictions=predicting)
+        loss, parts = objective_loss(objective, weight, loss_fn, features, b["masks"], scale,
+                                     predictions[0] if predicting else None, b.get("targets"))
+        loss.backward()
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    n = len(batches)
+    rows = [int(b["rows"].shape[0]) for b in batches]
+    cached_f, cached_p = [], []
+    with torch.no_grad(), autocast:
+        for b in batches:
+            f, _, *p = raw(b["inputs"], b["masks"], with_predictions=predicting)
+            cached_f.append(f)
+            cached_p.append(p[0] if predicting else {})
+    names = list(dict.fromkeys(m for b in batches for m in b["masks"]))
+    masks = {m: torch.cat([b["masks"][m] for b in batches]) for m in names}
+    targets = torch.cat([b["targets"] for b in batches]) if predicting else None
+    syncing = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    loss = parts = None
+    for j, b in enumerate(batches):
+        with model.no_sync() if syncing and j < n - 1 else nullcontext():
+            with autocast:
+                f, scale, *p = model(b["inputs"], b["masks"], with_predictions=predicting)
+            like = scale.detach().float()
+            features = _stack(cached_f, j, f, rows, raw.embed_dim, like)
+            predictions = _stack(cached_p, j, p[0], rows, len(raw.properties), like) if predicting else None
+            # the same value, a 1/n share of the gradient: the n passes together give the scale's full gradient
+            shared = scale.detach() + (scale - scale.detach()) / n
+            loss, parts = objective_loss(objective, weight, loss_fn, features, masks, shared, predictions, targets)
+            loss.backward()
+    return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+
 def improved_best(best: dict[str, Any], row: dict[str, Any], best_metric: str, epoch: int) -> dict[str, Any] | None:
     """The new ``best`` record when this epoch's ``row`` beats it, else None.
 
@@ -155,7 +244,8 @@ class Trainer:
     bf16: bool
     device: torch.device
     world: int
-    batch_size: int  # per rank
+    batch_size: int  # per rank and micro-batch
+    accumulate: int  # micro-batches per step
     parts: list[str]  # the parts of the objective logged as train_<part>
     predicting: bool
     step: int = 0
@@ -169,22 +259,19 @@ class Trainer:
 
     def epoch(self, epoch: int, log: RunLog | None) -> tuple[dict[str, float], int, float]:
         """Train one epoch: (mean loss and parts per step, materials seen by all ranks, seconds)."""
-        cfg, raw, world, batch_size = self.cfg, self.raw, self.world, self.batch_size
+        cfg, raw, world = self.cfg, self.raw, self.world
+        batch_size = self.batch_size * self.accumulate  # per rank and step
         self.sampler.set_epoch(epoch)
         self.model.train()
         sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ["loss", *self.parts]}
         seen, started = 0, time.perf_counter()
         if log is not None:
             log.begin_epoch(epoch, self.steps_per_epoch, self.temperature())
-        for batch in self.loader:
-            batch = to_device(batch, self.device)
-            with self.autocast:
-                features, scale, *predictions = self.model(batch["inputs"], batch["masks"],
-                                                           with_predictions=self.predicting)
-            loss, parts = objective_loss(cfg.objective, cfg.predict_weight, self.loss_fn, features, batch["masks"],
-                                         scale, predictions[0] if self.predicting else None, batch.get("targets"))
+        for batches in self.loader:
+            batches = [to_device(b, self.device) for b in batches]
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, parts = accumulated_backward(self.model, batches, self.loss_fn, cfg.objective, cfg.predict_weight,
+                                               self.autocast, self.predicting, raw)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -192,9 +279,9 @@ class Trainer:
             raw.clamp_logit_scale()
             self.step += 1
             seen += batch_size * world
-            sums["loss"] += loss.detach()
+            sums["loss"] += loss
             for k in self.parts:
-                sums[k] += parts[k].detach()
+                sums[k] += parts[k]
             if log is not None and (self.step % LOG_EVERY == 0 or seen == self.steps_per_epoch * batch_size * world):
                 value, temp = float(loss.detach()), self.temperature()  # syncs a GPU: not every step
                 log.step(self.step, seen // (batch_size * world), value, self.scheduler.get_last_lr()[0], temp,
@@ -231,10 +318,15 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
     _barrier(world)
     sets = sets or prepare()
     train_rows, val_rows = usable(sets["train"]), usable(sets["val"])
-    batch_size = cfg.batch_size
+    batch_size, accumulate = cfg.batch_size, cfg.accumulate
     if len(train_rows) < 2 * world:
         raise CMMAError(f"The train split has {len(train_rows)} materials with two or more of the modalities "
                         f"{','.join(spec['modalities'])}: fetch more data or configure modalities the data has.")
+    if len(train_rows) < batch_size * accumulate * world and accumulate > 1:
+        accumulate = max(1, len(train_rows) // (batch_size * world))
+        if master:
+            console.print(f"[yellow]The train split has only {len(train_rows)} usable materials: --accumulate "
+                          f"{cfg.accumulate} lowered to {accumulate}.[/]", highlight=False)
     if len(train_rows) < batch_size * world:
         batch_size = len(train_rows) // world
         if master:
@@ -246,21 +338,24 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
         console.print(f"[yellow]The val split {why}: no validation metrics; best.pt follows the training loss.[/]",
                       highlight=False)
 
-    trainer, start_epoch, best = _trainer(plan, cfg, spec, sets["train"], train_rows, batch_size, rank, device, master)
+    trainer, start_epoch, best = _trainer(plan, cfg, spec, sets["train"], train_rows, batch_size, accumulate, rank,
+                                          device, master)
+    step_batch = batch_size * accumulate  # per process and optimizer step
 
     log = RunLog(RunFiles(plan.run_dir), cfg, start_epoch) if master else None
     if log is not None:
         log.started(
             f"Training {','.join(spec['modalities'])} ({describe(cfg, trainer.loss_fn, spec)}) on "
-            f"{len(train_rows)} train / {len(val_rows)} val materials: {world} x {device.type}, batch {batch_size}"
-            f"{' per process' if world > 1 else ''}, {trainer.steps_per_epoch} steps/epoch, epochs {start_epoch}-"
+            f"{len(train_rows)} train / {len(val_rows)} val materials: {world} x {device.type}, batch {step_batch}"
+            f"{f' ({accumulate} x {batch_size})' if accumulate > 1 else ''}{' per process' if world > 1 else ''}, "
+            f"{trainer.steps_per_epoch} steps/epoch, epochs {start_epoch}-"
             f"{cfg.epochs}{', bf16' if trainer.bf16 else ''} -> {plan.run_dir}")
 
     with log if log is not None else nullcontext():
         for epoch in range(start_epoch, cfg.epochs + 1):
             sums, seen, seconds = trainer.epoch(epoch, log)
-            val = validate(trainer.raw, sets["val"], val_rows, batch_size * world, trainer.loss_fn, device,
-                           trainer.autocast, rank, cfg.objective, cfg.predict_weight)
+            val = validate(trainer.raw, sets["val"], val_rows, step_batch * world, trainer.loss_fn, device,
+                           trainer.autocast, rank, cfg.objective, cfg.predict_weight, forward_size=batch_size * world)
             if log is not None:
                 row = {"epoch": epoch, "step": trainer.step, "lr": trainer.scheduler.get_last_lr()[0],
                        "temperature": trainer.temperature(),
@@ -279,6 +374,10 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
 
     if log is None:
         return {}
+    if cfg.projector and log.files.best.is_file():
+        which = "val" if len(val_rows) else "train"
+        _feed_projector(log, trainer, sets[which], val_table if which == "val" else train_table,
+                        val_rows if which == "val" else train_rows, batch_size * world, device, ws)
     return log.finish(
         as_dict(cfg), inputs=[ws.processed],
         rows={"train": int(len(train_rows)), "val": int(len(val_rows)), "epochs": len(log.rows)},
@@ -286,8 +385,21 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
     )
 
 
+def _feed_projector(log: RunLog, trainer: Trainer, materials: MaterialSet, table, rows: np.ndarray, batch_size: int,
+                    device: torch.device, ws: Workspace) -> None:
+    """The best model's embeddings of ``rows`` into TensorBoard's projector (a failure here costs the run nothing)."""
+    try:
+        trainer.raw.load_state_dict(read_checkpoint(log.files.best)["model"])  # training is over: the best weights
+        header, tables = projector_tables(trainer.raw, materials, table, projector_rows(rows, trainer.cfg.seed),
+                                          batch_size, device, trainer.autocast, ws.processed)
+        log.projector(tables, header, trainer.step)
+    except Exception as exc:  # noqa: BLE001 - the checkpoints and metrics are written: never lose the run to this
+        console.print(f"[yellow]The embedding projector was not written ({type(exc).__name__}: {exc}); the run is "
+                      "complete without it.[/]", highlight=False, soft_wrap=True)
+
+
 def _trainer(plan: Plan, cfg: TrainConfig, spec: dict[str, Any], train_set: MaterialSet, train_rows: np.ndarray,
-             batch_size: int, rank: int, device: torch.device, master: bool
+             batch_size: int, accumulate: int, rank: int, device: torch.device, master: bool
              ) -> tuple[Trainer, int, dict[str, Any]]:
     """The model, optimizer, schedule and loader (seeded here: loading a text model on a cache miss must not shift
     the init), restored from the checkpoint when resuming; with the first epoch to train and the best so far."""
@@ -297,7 +409,7 @@ def _trainer(plan: Plan, cfg: TrainConfig, spec: dict[str, Any], train_set: Mate
     torch.manual_seed(cfg.seed)
     model = build_model(spec, for_loading=plan.resume is not None).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6)
-    sampler = EpochBatches(train_rows, batch_size, cfg.seed, rank, world)
+    sampler = EpochBatches(train_rows, batch_size * accumulate, cfg.seed, rank, world)  # one step's rows
     steps_per_epoch = len(sampler)
     total_steps, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -321,11 +433,11 @@ def _trainer(plan: Plan, cfg: TrainConfig, spec: dict[str, Any], train_set: Mate
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
-        BatchDataset(train_set, cfg.modality_dropout), batch_size=None, sampler=sampler, num_workers=workers,
+        MicroBatches(train_set, cfg.modality_dropout, accumulate), batch_size=None, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     predicting = spec.get("predict") is not None
     parts = [pair_name(a, b) for a, b in loss_fn.pairs] if cfg.objective != "predict" else []
     parts += ["predict"] if predicting else []
     trainer = Trainer(cfg, model, raw, optimizer, scheduler, loader, sampler, loss_fn, autocast, bf16, device, world,
-                      batch_size, parts, predicting, step)
+                      batch_size, accumulate, parts, predicting, step)
     return trainer, start_epoch, best

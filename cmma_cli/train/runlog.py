@@ -7,12 +7,15 @@ Every file goes through :func:`cmma_cli.workspace.atomic`; the run folder's layo
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from cmma_cli.config import TrainConfig, flat_dict
 from cmma_cli.console import console
+from cmma_cli.errors import CMMAError
 from cmma_cli.loss import MultiModalInfoNCE, pair_name
 from cmma_cli.workspace import RunFiles, atomic, begin_stage, write_manifest, write_text
 
@@ -59,6 +62,39 @@ def read_metrics(path: Path, before_epoch: int) -> list[dict[str, Any]]:
         return [row for row in csv.DictReader(fh) if int(row["epoch"]) < before_epoch]
 
 
+def import_wandb():
+    """The ``wandb`` module, or one sentence saying how to install it (it is not a dependency of cmma)."""
+    try:
+        import wandb
+    except ImportError:
+        raise CMMAError("--wandb logs to Weights & Biases, whose package is not installed here: pip install wandb, "
+                        "or train without --wandb.") from None
+    return wandb
+
+
+def _wandb_key() -> bool:
+    """Whether a W&B API key is at hand (``WANDB_API_KEY`` or ``~/.netrc``, where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start_wandb(files: RunFiles, cfg: TrainConfig):
+    """A W&B run for ``files`` (id from the run folder, so a resumed run continues it), offline unless ``WANDB_MODE``
+    says otherwise or an API key is at hand; its files under ``<run>/wandb/``."""
+    wandb = import_wandb()
+    mode = None if os.environ.get("WANDB_MODE") or _wandb_key() else "offline"
+    run_id = f"{files.name}-{hashlib.sha1(str(files.root.resolve()).encode()).hexdigest()[:8]}"
+    run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "cmma"), name=files.name, id=run_id, resume="allow",
+                      dir=str(files.root), config=flat_dict(cfg), mode=mode, job_type="train")
+
+
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -98,6 +134,7 @@ class RunLog:
         write_config_toml(cfg, files.config)
         self.rows: list[dict[str, Any]] = read_metrics(files.metrics, start_epoch)
         self.writer = SummaryWriter(str(files.tensorboard))
+        self.wandb = start_wandb(files, cfg) if cfg.wandb else None
         self.bar = _progress()
         self.task = None
 
@@ -107,6 +144,13 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
+        if exc[0] is not None:
+            self._close_wandb(exit_code=1)
+
+    def _close_wandb(self, exit_code: int = 0) -> None:
+        if self.wandb is not None:
+            run, self.wandb = self.wandb, None
+            run.finish(exit_code=exit_code)
 
     def started(self, text: str) -> None:
         """The line that opens the run."""
@@ -138,16 +182,48 @@ class RunLog:
                 self.writer.add_scalar(f"val/{key[4:]}", v, row["step"])
         self.writer.add_scalar("train/epoch_loss", row["train_loss"], row["step"])
         self.writer.flush()
+        if self.wandb is not None:  # the metrics.csv row, as train/... and val/... (the per-step curve stays local)
+            self.wandb.log({(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k[6:]}" if k.startswith("train_")
+                             else k): float(v) for k, v in row.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"},
+                           step=int(row["step"]))
 
     def checkpoint(self, epoch: int, state: dict[str, Any], best: bool) -> Path:
-        """``checkpoints/epoch-NNN.pt``, copied to ``last.pt`` (and ``best.pt`` when ``best``)."""
+        """``checkpoints/epoch-NNN.pt``, copied to ``last.pt`` (and ``best.pt`` when ``best``); then the epoch
+        checkpoints older than the newest ``keep_checkpoints`` are deleted (0: all are kept)."""
         from cmma_cli.model import save_checkpoint
 
         path = save_checkpoint(self.files.epoch_checkpoint(epoch), state)
         for target in [self.files.last] + ([self.files.best] if best else []):
             with atomic(target) as tmp:
                 shutil.copyfile(path, tmp)
+        self.prune(epoch)
         return path
+
+    def prune(self, epoch: int) -> list[Path]:
+        """Delete ``checkpoints/epoch-NNN.pt`` of the epochs up to ``epoch - keep_checkpoints`` (``best.pt`` and
+        ``last.pt`` are copies, so they stay); returns what was deleted. Later epochs (left by an earlier run of the
+        folder that went further) are left alone."""
+        keep = self.cfg.keep_checkpoints
+        if keep <= 0:
+            return []
+        gone = []
+        for path in self.files.epoch_checkpoints():
+            try:
+                number = int(path.stem.split("-", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            if number <= epoch - keep:
+                path.unlink(missing_ok=True)
+                gone.append(path)
+        return gone
+
+    def projector(self, tables: dict[str, tuple[Any, list[list[str]]]], header: list[str], step: int) -> None:
+        """TensorBoard's embedding projector: one tensor per ``tables`` entry (``{tag: (vectors, metadata rows)}``)."""
+        for tag, (vectors, rows) in tables.items():
+            if len(rows):
+                self.writer.add_embedding(vectors, metadata=rows, metadata_header=header, global_step=step, tag=tag)
+        self.writer.flush()
 
     def validated(self, epoch: int, row: dict[str, Any]) -> None:
         """The epoch's printed line (when there were validation figures)."""
@@ -161,6 +237,7 @@ class RunLog:
                extra: dict[str, Any]) -> dict[str, Any]:
         """Close the events, write the manifest (last) and print the summary; returns the manifest."""
         self.writer.close()
+        self._close_wandb()
         manifest = write_manifest(self.files.root, "train", config, inputs=inputs, rows=rows,
                                   extra={**extra, "first": self.rows[0] if self.rows else {},
                                          "last": self.rows[-1] if self.rows else {}})

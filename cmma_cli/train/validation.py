@@ -31,11 +31,43 @@ def recall_at_1(queries: np.ndarray, gallery: np.ndarray) -> float:
     return M.recall_at_k(np.concatenate(ranks), 1)
 
 
+def _forward(model, materials: MaterialSet, chunk: np.ndarray, device: torch.device, autocast, predicting: bool,
+             size: int) -> tuple[dict, dict, torch.Tensor, list]:
+    """The collated batch of ``chunk`` (masks, targets) and the model's output on it, in forward passes of ``size``."""
+    if len(chunk) <= size:
+        batch = to_device(materials.collate(chunk), device)
+        with autocast:
+            f, scale, *p = model(batch["inputs"], batch["masks"], with_predictions=predicting)
+        return batch, f, scale, p
+    pieces = []
+    for part in np.array_split(chunk, math.ceil(len(chunk) / size)):
+        batch = to_device(materials.collate(part), device)
+        with autocast:
+            pieces.append((batch, *model(batch["inputs"], batch["masks"], with_predictions=predicting)))
+    names = list(dict.fromkeys(m for b, *_ in pieces for m in b["masks"]))
+    masks = {m: torch.cat([b["masks"][m] for b, *_ in pieces]) for m in names}
+    batch = {"masks": masks}
+    if predicting:
+        batch["targets"] = torch.cat([b["targets"] for b, *_ in pieces])
+
+    def stack(outs: list[dict], width: int) -> dict:
+        present = list(dict.fromkeys(m for o in outs for m in o))
+        return {m: torch.cat([o[m] if m in o else torch.zeros(len(b["masks"][m]), width, device=device)
+                              for o, (b, *_) in zip(outs, pieces)]) for m in present}
+
+    f = stack([piece[1] for piece in pieces], model.embed_dim)
+    p = [stack([piece[3] for piece in pieces], len(model.properties))] if predicting else []
+    return batch, f, pieces[-1][2], p
+
+
 @torch.no_grad()
 def validate(model, materials: MaterialSet, rows: np.ndarray, batch_size: int, loss_fn: MultiModalInfoNCE,
              device: torch.device, autocast, rank: int = 0, objective: str = "contrastive",
-             predict_weight: float = 1.0) -> dict[str, float]:
+             predict_weight: float = 1.0, forward_size: int | None = None) -> dict[str, float]:
     """Validation loss (per pair, in chunks of the global batch size) and retrieval R@1 over all of ``rows``.
+
+    ``forward_size``: at most this many rows per forward pass (the micro-batch of ``--accumulate``; default
+    ``batch_size``): the loss is still taken over chunks of ``batch_size``, the step's global batch.
 
     Rank 0 computes the features; every rank takes part in the loss's collectives (the others with empty
     batches), so the value does not depend on the number of ranks. A model with a property head also gets
@@ -53,9 +85,8 @@ def validate(model, materials: MaterialSet, rows: np.ndarray, batch_size: int, l
     sums = {pair_name(a, b): [0.0, 0] for a, b in loss_fn.pairs}
     for chunk in np.array_split(rows, math.ceil(len(rows) / batch_size)):
         if rank == 0:
-            batch = to_device(materials.collate(chunk), device)
-            with autocast:
-                f, scale, *p = model(batch["inputs"], batch["masks"], with_predictions=predicting)
+            batch, f, scale, p = _forward(model, materials, chunk, device, autocast, predicting,
+                                          forward_size or batch_size)
             m_ = batch["masks"]
             if predicting:
                 targets.append(batch["targets"].cpu())
