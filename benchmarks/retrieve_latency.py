@@ -171,7 +171,8 @@ def main() -> None:
     console.print(table)
     console.print(f"warm API load (every index and model): {api_load:.1f} s; `cmma serve` ready after {ready:.1f} s")
     if args.out:
-        args.out.write_text(json.dumps({"workspace": str(ws), "run": args.run, "python": platform.python_version(),
+        shown = ws.relative_to(ROOT).as_posix() if ws.is_relative_to(ROOT) else ws.name  # no absolute paths
+        args.out.write_text(json.dumps({"workspace": shown, "run": args.run, "python": platform.python_version(),
                                         "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
                                         "threads": args.threads, "cold_cli": cold, "warm_api_ms": warm,
                                         "http_ms": served, "api_load_s": api_load, "serve_ready_s": ready},

@@ -16,7 +16,7 @@ from cmma_cli import __version__
 from cmma_cli.console import console
 from cmma_cli.config import (EmbedConfig, EvaluateConfig, FetchConfig, IdentifyConfig, PreprocessConfig, RecommendConfig,
                              RetrieveConfig, TrainConfig)
-from cmma_cli.errors import CMMAError
+from cmma_cli.errors import CMMAError, write_error
 from cmma_cli.options import with_config
 
 app = typer.Typer(
@@ -47,8 +47,13 @@ def _friendly(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CMMAError as exc:
+        except (CMMAError, OSError) as exc:
             from rich.markup import escape  # "[train] epochs ..." is text, not a markup tag
+
+            if not isinstance(exc, CMMAError):  # a full disk / read-only file system outside the workspace's writers
+                exc = write_error(exc, permission=False)
+                if exc is None:
+                    raise
 
             console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

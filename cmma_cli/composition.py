@@ -165,7 +165,7 @@ class ElementEmbeddings:
             return None
         try:
             table = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise CMMAError(f"Could not read element embeddings from {path} ({exc}): give a JSON file "
                             "{\"Li\": [...], ...} such as matminer's matscholar_els.json.") from None
         return cls(table, name=Path(path).name)

@@ -26,6 +26,7 @@ from cmma_cli.workspace import (
     Workspace,
     file_digest,
     is_up_to_date,
+    manifest_problem,
     read_manifest,
     require_stage,
     stage_lock,
@@ -146,7 +147,9 @@ def run_embed(ws: Workspace, cfg: EmbedConfig, force: bool = False) -> dict[str,
     processed = require_stage(ws.processed, "preprocess")
     run, run_dir, checkpoint = resolve_checkpoint(ws, cfg.run, cfg.checkpoint)
     if read_manifest(run_dir) is None:
-        raise CMMAError(f"Run {run!r} has not finished training (no manifest in {run_dir}): let `cmma train` finish, "
+        problem = manifest_problem(run_dir)
+        where = f"its manifest {run_dir / 'manifest.json'} {problem}" if problem else f"no manifest in {run_dir}"
+        raise CMMAError(f"Run {run!r} has not finished training ({where}): let `cmma train` finish, "
                         f"or continue it with `cmma train --run {run} --resume latest`.")
     config = stage_config(cfg, run, checkpoint)
     out = ws.embeddings_dir(run)

@@ -27,7 +27,7 @@ from cmma_cli.errors import CMMAError
 from cmma_cli.modalities import REGISTRY, get_modality
 from cmma_cli.modalities.base import Context, Modality, UserInputs
 from cmma_cli.modalities.batches import BatchDataset, MaterialSet, ordered_batches, to_device
-from cmma_cli.model import load_model
+from cmma_cli.model import add_modalities, load_model
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -63,14 +63,19 @@ class Encoder:
 
     ``cache_dir`` is the workspace cache: with a frozen text model, text vectors come from (and go to)
     the cache that training filled, so ``cmma embed`` recomputes nothing.
+
+    ``modalities`` (default: every modality of the run) are the encoders built and loaded now; the others are
+    built on first use (:meth:`need`), so one query loads only its own encoder (a pattern query never builds the
+    structure backbone). :attr:`modalities` always lists all of the run's.
     """
 
     def __init__(self, checkpoint: Path, processed_manifest: dict[str, Any], cache_dir: Path | None = None,
-                 device: str = "auto", batch_size: int = 256, workers: int | None = None, show_progress: bool = True):
+                 device: str = "auto", batch_size: int = 256, workers: int | None = None, show_progress: bool = True,
+                 modalities: list[str] | None = None):
         if batch_size < 1:
             raise CMMAError(f"--batch-size must be at least 1, not {batch_size}.")
         self.device = pick_device(device)
-        self.model, self.checkpoint = load_model(checkpoint, self.device)
+        self.model, self.checkpoint = load_model(checkpoint, self.device, modalities)
         self.spec: dict[str, Any] = self.checkpoint["spec"]
         self.modalities: list[str] = list(self.spec["modalities"])
         self.dim = int(self.spec["embed_dim"])
@@ -89,6 +94,11 @@ class Encoder:
                 f"query from one of those, or train a run that includes {modality} (cmma train --modalities ...)."
             )
 
+    def need(self, modalities: list[str]) -> None:
+        """Build and load, once, the encoders and heads of those ``modalities`` of the run not loaded yet."""
+        if any(m in self.modalities and m not in self.model.encoders for m in modalities):
+            add_modalities(self.model, self.checkpoint, modalities, self.device)
+
     def settings(self, modality: str) -> Any:
         """The preprocess section of ``modality`` that ``processed/`` was made with (None: it has none)."""
         return getattr(self.preprocess, modality, None)
@@ -102,6 +112,7 @@ class Encoder:
         method shows its own bar when there is more than one batch. ``spec`` replaces the run's spec of the
         modality's data handling (the text sources a user's table is read with); the weights stay the run's.
         """
+        self.need([modality])
         materials = MaterialSet(table, {modality: spec or self.spec["encoders"][modality]}, self.ctx)
         rows = np.flatnonzero(materials.present(modality))
         vectors = np.zeros((len(rows), self.dim), dtype=np.float32)
@@ -165,6 +176,7 @@ class Encoder:
             modality = get_modality(name)
             if not _has_values(table, modality):
                 continue
+            self.need([name])
             rows, vectors = modality.embed_new(self, table)
             out[name] = ([ids[int(r)] for r in rows], vectors)
         return out
@@ -174,6 +186,7 @@ class Encoder:
         encoder (default: the modality's own; a CIF may also go through the XRD encoder as its computed pattern)."""
         reader = get_modality(modality)
         source = source or reader.query_sources()[0]
+        self.need([source])
         got = reader.read_query(value, self.settings(modality))
         table, rejects = self.rows(reader, got, wanted=[source])
         encoder = get_modality(source)

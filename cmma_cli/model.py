@@ -205,9 +205,42 @@ def build_model(spec: dict[str, Any], for_loading: bool = False) -> CMMAModel:
     return CMMAModel(spec)
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[CMMAModel, dict[str, Any]]:
-    """The trained model of a checkpoint (eval mode, on ``device``) and the checkpoint itself."""
+def load_model(path: Path, device: str | torch.device = "cpu",
+               modalities: list[str] | None = None) -> tuple[CMMAModel, dict[str, Any]]:
+    """The trained model of a checkpoint (eval mode, on ``device``) and the checkpoint itself.
+
+    ``modalities`` (default: all of the checkpoint's): build and load only those modalities' encoders and heads
+    (what one query needs: a pattern query does not build the structure backbone); see :func:`add_modalities`.
+    """
     ckpt = read_checkpoint(path)
-    model = build_model(ckpt["spec"], for_loading=True)
-    model.load_state_dict(ckpt["model"])
+    model = part_model(ckpt, ckpt["spec"]["modalities"] if modalities is None else modalities)
     return model.to(device).eval(), ckpt
+
+
+def part_model(ckpt: dict[str, Any], modalities: list[str]) -> CMMAModel:
+    """The checkpoint's model with the encoders and heads of ``modalities`` only (the checkpoint's order), its
+    weights loaded from the checkpoint (strictly: every other weight, logit scale and property head included)."""
+    spec = ckpt["spec"]
+    wanted = [m for m in spec["modalities"] if m in modalities]
+    if wanted != list(spec["modalities"]):
+        spec = {**spec, "modalities": wanted, "encoders": {m: spec["encoders"][m] for m in wanted}}
+    model = build_model(spec, for_loading=True)
+    left_out = tuple(f"{part}.{m}." for m in ckpt["spec"]["modalities"] if m not in wanted
+                     for part in ("encoders", "heads"))
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith(left_out)})
+    return model
+
+
+def add_modalities(model: CMMAModel, ckpt: dict[str, Any], modalities: list[str],
+                   device: str | torch.device = "cpu") -> None:
+    """Build and load (from ``ckpt``, the checkpoint ``model`` came from) the encoders and heads of ``modalities``
+    that ``model`` does not have yet, in eval mode on ``device``."""
+    missing = [m for m in ckpt["spec"]["modalities"] if m in modalities and m not in model.encoders]
+    if not missing:
+        return
+    part = part_model(ckpt, missing).to(device).eval()
+    for m in missing:
+        model.encoders[m], model.heads[m] = part.encoders[m], part.heads[m]
+    model.modalities = [m for m in ckpt["spec"]["modalities"] if m in model.encoders]
+    model.spec = {**model.spec, "modalities": list(model.modalities),
+                  "encoders": {**model.spec["encoders"], **part.spec["encoders"]}}

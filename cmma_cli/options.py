@@ -33,7 +33,12 @@ CONFIG_PARAM = "config"
 def field_help(cls: type) -> dict[str, str]:
     """``{field: trailing comment}`` for the fields of dataclass ``cls``, read from its source."""
     out: dict[str, str] = {}
-    source = inspect.getsource(cls)
+    found = _class_lines(inspect.getsourcefile(cls) or "", cls.__qualname__)
+    if found is None:  # not a top-level class of a readable file: let inspect find it
+        source = inspect.getsource(cls)
+    else:
+        lines, start, end = found
+        source = "".join(lines[start:end])
     lines = source.splitlines()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type != tokenize.COMMENT:
@@ -43,6 +48,30 @@ def field_help(cls: type) -> dict[str, str]:
         if name.isidentifier():
             out[name] = tok.string.lstrip("#").strip()
     return out
+
+
+def _class_lines(path: str, qualname: str) -> tuple[list[str], int, int] | None:
+    """``(the file's lines, first, end)`` of the top-level class ``qualname`` of the file at ``path``: the lines
+    :func:`inspect.getsource` gives (decorators first), the file parsed once for all its classes (getsource
+    parses the whole module again for every class, ~20 ms each at every start of the command line)."""
+    found = _module_classes(path)
+    return None if found is None or qualname not in found[1] else (found[0], *found[1][qualname])
+
+
+@functools.lru_cache(maxsize=None)
+def _module_classes(path: str) -> tuple[list[str], dict[str, tuple[int, int]]] | None:
+    import ast
+    import linecache
+
+    lines = linecache.getlines(path)
+    if not lines:
+        return None
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):
+        return None
+    return lines, {node.name: (min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1, node.end_lineno)
+                   for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 def _default_text(f) -> str:
@@ -55,11 +84,14 @@ def _default_text(f) -> str:
 def _parameters(cls: type, skip: set[str]) -> list[inspect.Parameter]:
     """One keyword parameter per setting of ``cls`` (its own fields, then each modality's section, flat)."""
     params = []
+    hints: dict[type, dict[str, Any]] = {}  # each class's resolved annotations, once (not once per field)
     for name, (modality, f) in flat_fields(cls).items():
         if name in skip:
             continue
         owner = cls if modality is None else section_types(cls._sections)[modality]
-        base, is_list, _ = base_type(typing.get_type_hints(owner)[f.name])
+        if owner not in hints:
+            hints[owner] = typing.get_type_hints(owner)
+        base, is_list, _ = base_type(hints[owner][f.name])
         flag = option_flag(cls, name)
         short = [f.metadata["short"]] if f.metadata.get("short") else []
         help_text = f"{field_help(owner).get(f.name, '')} (default: {_default_text(f)})".strip()

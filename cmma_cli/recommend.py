@@ -441,8 +441,8 @@ def read_score_recipe(path: Path) -> tuple[list[str], str | None]:
         raise CMMAError(f"{path} does not exist: give --score a JSON recipe ({{\"precursors\": [\"Li2CO3\", ...]}}).")
     try:
         data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CMMAError(f"{path} is not JSON ({exc}): give --score a JSON recipe ({{\"precursors\": [...]}}).") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than Python parses
+        raise CMMAError(f"{path} is not JSON ({type(exc).__name__}): give --score a JSON recipe ({{\"precursors\": [...]}}).") from None
     if isinstance(data, dict) and isinstance(data.get("reactions"), list) and data["reactions"]:
         data = data["reactions"][0]
     if isinstance(data, list) and all(isinstance(x, str) for x in data):

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from cmma_cli.config import RetrieveConfig
 from cmma_cli.errors import CMMAError
 from cmma_cli.console import console, esc
-from cmma_cli.workspace import MANIFEST, Workspace, manifest_hash, read_manifest, require_stage
+from cmma_cli.workspace import MANIFEST, Workspace, manifest_hash, manifest_problem, read_manifest, require_stage
 
 #: The query kind of an embedded material (its stored vector): ``--material ID``.
 MATERIAL = "material"
@@ -299,7 +299,7 @@ class Retriever:
         self.ws = ws
         self.run = run or newest_embeddings(ws)
         self.dir = ws.embeddings_dir(self.run)
-        if read_manifest(self.dir) is None:
+        if read_manifest(self.dir) is None and manifest_problem(self.dir) is None:  # (a broken one: require_stage)
             wrong = not_a_workspace(ws)
             if wrong:
                 raise CMMAError(wrong)
@@ -429,8 +429,10 @@ class Retriever:
             self._properties[key] = frame.drop_duplicates("material_id").set_index("material_id")
         return self._properties[key]
 
-    def encoder(self):
-        """The run's encoders, from the very checkpoint that made these embeddings."""
+    def encoder(self, modalities: list[str] | None = None):
+        """The run's encoders, from the very checkpoint that made these embeddings: those of ``modalities`` (default:
+        all) built and loaded, the others left for their first use (:meth:`~cmma_cli.encode.Encoder.need`), so one
+        query builds only its own encoder (a pattern query never loads the structure backbone)."""
         if self._encoder is None:
             with self._timed():
                 from cmma_cli.workspace import file_digest
@@ -450,7 +452,12 @@ class Retriever:
                     import torch
 
                     torch.set_num_threads(self.threads)
-                self._encoder = Encoder(path, processed, cache_dir=None, device=self.device, show_progress=False)
+                self._encoder = Encoder(path, processed, cache_dir=None, device=self.device, show_progress=False,
+                                        modalities=modalities)
+        wanted = self._encoder.modalities if modalities is None else list(modalities)
+        if any(m not in self._encoder.model.encoders for m in wanted):
+            with self._timed():
+                self._encoder.need(wanted)
         return self._encoder
 
     def warm(self, source: str) -> None:
@@ -459,7 +466,7 @@ class Retriever:
             from cmma_cli.modalities import get_modality
 
             with self._timed():
-                get_modality(source).warm_up(self.encoder())
+                get_modality(source).warm_up(self.encoder([source]))
             self._warm.add(source)
 
     def prepare(self, kind: str, source: str, target: str) -> None:
@@ -556,7 +563,7 @@ class Retriever:
         kind = query.kind
         if kind == MATERIAL:
             return self.stored_vector(str(query.value), source)
-        return self.encoder().embed_query(query_options()[kind], query.value, source)
+        return self.encoder([source]).embed_query(query_options()[kind], query.value, source)
 
     def allowed(self, target: str, filters: list[Filter]) -> np.ndarray | None:
         """Which rows of ``target`` pass every filter (None: no filters)."""

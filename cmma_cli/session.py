@@ -6,10 +6,10 @@
 
     s = cmma_cli.load("data/demo", run="demo")          # the newest run with embeddings when run is None
     s.search("Rock salt structure: sodium bonded to six chlorine atoms", k=5)      # a DataFrame
-    s.search(structure, to="text")                      # a pymatgen Structure, a CIF path, a pattern file,
+    s.search(structure, to="unified")                   # a pymatgen Structure, a CIF path, a pattern file,
     s.search("mp-149", filter="band_gap>1")             # ... a material id, or a vector
     X = s.encode(structures=["LiFePO4.cif", structure]) # (n, d) numpy array, rows L2-normalised
-    s.embeddings("structure")                           # DataFrame: material_id, ..., embedding
+    s.embeddings("unified")                             # DataFrame: material_id, ..., embedding
     s.identify("scan.xy", elements=["Ti", "O"])         # cmma identify's answer for one pattern
 
 A :class:`Session` wraps a :class:`~cmma_cli.retrieve.Retriever` (indexes, ids, properties and, on first need,
@@ -33,11 +33,16 @@ from cmma_cli.errors import CMMAError
 if TYPE_CHECKING:  # pragma: no cover
     from cmma_cli.identify.pipeline import Identification
     from cmma_cli.modalities.base import UserInputs
-    from cmma_cli.retrieve import Retriever
     from cmma_cli.workspace import Workspace
 
 #: ``encode()``'s keywords and the query option (``cmma retrieve --<option>``) of the modality each one feeds.
-ENCODE_KINDS = {"structures": "structure", "texts": "text", "patterns": "pattern"}
+def _encode_kinds() -> dict[str, str]:
+    from cmma_cli.modalities import REGISTRY
+
+    return {f"{m.query_option}s": m.query_option for m in REGISTRY.values() if m.query_option}
+
+
+ENCODE_KINDS = _encode_kinds()  # a keyword per query option: structures=, texts=, patterns=, ...
 #: The map of the latent space ``cmma evaluate`` writes beside its figures (``material_id``, ``method``, ``x``, ``y``).
 MAP_FILE = "maps.parquet"
 
@@ -359,7 +364,7 @@ class Session:
             held.append(table)
             hits = self.retriever.search(vectors[at], table, k + 1)
             neighbours[table] = [h for h in hits if h["material_id"] != material_id][:k]
-        return {"material_id": material_id, "properties": row, "structure": self.structure_summary(material_id),
+        return {"material_id": material_id, "properties": row, "cell": self.structure_summary(material_id),
                 "tables": held, "neighbours": neighbours, "recipes": self.recipes(material_id)}
 
     def structure_summary(self, material_id: str) -> dict[str, Any] | None:

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmma_cli import __version__
-from cmma_cli.errors import CMMAError
+from cmma_cli.errors import CMMAError, write_error
 
 #: Bumped whenever an artifact's layout changes in a way older readers cannot follow.
 ARTIFACT_FORMAT = 1
@@ -111,13 +111,13 @@ class Workspace:
         return folder.parent == (self.root / RUN_FOLDERS["train"]).resolve() and is_run_name(folder.name)
 
     def finished(self, stage: str) -> list[str]:
-        """Names of the runs of ``stage`` whose manifest exists (finished), oldest first (by manifest time).
+        """Names of the runs of ``stage`` with a readable manifest (finished), oldest first (by manifest time).
 
         ``stage`` is a stage (``train``, ``embed``, ``evaluate``) or its folder (``runs``, ``embeddings``,
         ``reports``): the runs are the folders ``<ws>/<folder>/<run>/``.
         """
         folder = self.root / RUN_FOLDERS.get(stage, stage)
-        found = [p for p in folder.glob("*/") if is_run_name(p.name) and (p / MANIFEST).is_file()]
+        found = [p for p in folder.glob("*/") if is_run_name(p.name) and read_manifest(p) is not None]
         return [p.name for p in sorted(found, key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name))]
 
     def latest_checkpoint(self) -> Path | None:
@@ -290,11 +290,14 @@ def _refusal(what: str, path: Path) -> CMMAError:
 
 
 def _acquire(path: Path, what: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(path.parent)
     record = json.dumps({"pid": os.getpid(), "host": HOST,
                          "started": datetime.now().astimezone().isoformat(timespec="seconds")}).encode()
     if fcntl is not None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise (write_error(exc, path) or exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -392,7 +395,7 @@ class atomic:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir(self.path.parent)
         self.tmp = _tmp_name(self.path)
 
     def __enter__(self) -> Path:
@@ -401,18 +404,37 @@ class atomic:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if kind is None:
             self.commit()
-        else:
-            self.discard()
+            return False
+        self.discard()
+        friendly = write_error(exc, self.path)  # a full disk or a read-only folder: one sentence, not a traceback
+        if friendly is not None:
+            raise friendly from None
         return False
 
     def commit(self) -> Path:
-        """Move the finished temporary file onto ``path``; returns ``path``."""
-        os.replace(self.tmp, self.path)
+        """Move the finished temporary file onto ``path``; returns ``path``. When the move fails the temporary file
+        is deleted (the old ``path`` stays) and a full disk or a read-only folder is one sentence."""
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise (write_error(exc, self.path) or exc) from None
         return self.path
 
     def discard(self) -> None:
         """Delete the temporary file (what ``path`` held before stays)."""
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover - a folder that lost its write permission meanwhile: nothing more to do
+            pass
+
+
+def _mkdir(folder: Path) -> None:
+    """Create ``folder`` (and its parents); a full disk or a read-only workspace is one sentence."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (write_error(exc, folder) or exc) from None
 
 
 def write_table(df: pd.DataFrame, path: Path) -> Path:
@@ -436,18 +458,34 @@ class ParquetStream:
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = Path(path)
         self.file = atomic(self.path)
-        self.writer = pq.ParquetWriter(self.file.tmp, schema)
+        try:
+            self.writer = pq.ParquetWriter(self.file.tmp, schema)
+        except OSError as exc:
+            self.file.discard()
+            raise (write_error(exc, self.path) or exc) from None
 
     def write(self, table: pa.Table) -> None:
-        self.writer.write_table(table)
+        try:
+            self.writer.write_table(table)
+        except OSError as exc:
+            raise (write_error(exc, self.path) or exc) from None
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as exc:
+            self.file.discard()
+            raise (write_error(exc, self.path) or exc) from None
         self.file.commit()
 
     def abort(self) -> None:
-        self.writer.close()
-        self.file.discard()
+        """Drop what was written (the temporary file goes even when closing the writer fails: a full disk)."""
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+        finally:
+            self.file.discard()
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -488,17 +526,108 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: Files up to this size are digested whole; larger ones by :data:`SAMPLES` evenly spaced blocks (constant time).
+WHOLE_DIGEST = 8 << 20
+SAMPLES, SAMPLE_BLOCK = 64, 64 << 10
+
+
+def fast_digest(path: Path | str) -> str:
+    """A digest of a file's content that costs the same for any size: SHA-256 (16 hex digits) of its size and bytes
+    when it is small, else of its size and :data:`SAMPLES` blocks spread from the first byte to the last. A file
+    swapped for another (copied from another workspace, rewritten by hand) does not keep it."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size <= WHOLE_DIGEST:
+        return file_digest(path)
+    digest = hashlib.sha256(str(size).encode())
+    step = (size - SAMPLE_BLOCK) / (SAMPLES - 1)
+    with open(path, "rb") as fh:
+        for i in range(SAMPLES):
+            fh.seek(int(i * step))
+            digest.update(fh.read(SAMPLE_BLOCK))
+    return digest.hexdigest()[:16]
+
+
+def output_files(stage_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "digest"}}`` of the files directly in ``stage_dir`` (not its manifest, hidden files,
+    temporary files or sub-folders), as :func:`write_manifest` records them for :func:`changed_file` to check."""
+    out = {}
+    for path in sorted(Path(stage_dir).iterdir()):
+        if path.name != MANIFEST and not path.name.startswith(".") and path.is_file():
+            out[path.name] = {"size": path.stat().st_size, "digest": fast_digest(path)}
+    return out
+
+
+def changed_file(stage_dir: Path, manifest: dict[str, Any]) -> tuple[Path, str] | None:
+    """The first output file of a finished stage that no longer matches its manifest, with what happened to it
+    (``"it is gone"``, ``"its size differs"``, ``"its content differs"``), or ``None`` when all match (or the manifest
+    records no files: an older cmma)."""
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        return None
+    for name, facts in recorded.items():
+        path = Path(stage_dir) / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return path, "it is gone"
+        if not isinstance(facts, dict) or size != facts.get("size"):
+            return path, "its size differs"
+        try:
+            same = fast_digest(path) == facts.get("digest")
+        except OSError:
+            return path, "it cannot be read"
+        if not same:
+            return path, "its content differs"
+    return None
+
+
 def manifest_hash(stage_dir: Path) -> str:
     """The hash that later stages record for this stage's output (its manifest's bytes)."""
     return hashlib.sha256((stage_dir / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
+#: What every manifest holds (:func:`write_manifest`), with its type; a manifest without them is not one.
+MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
+    "stage": str, "format": int, "config": dict, "config_hash": str, "inputs": dict, "rows": dict,
+}
+#: Keys a stage's readers rely on beyond those.
+STAGE_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {"embed": {"modalities": list, "checkpoint": dict}}
+
+
+def _load_manifest(stage_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, None)``; ``(None, None)`` when there is none; ``(None, why)`` when the file is not a whole
+    manifest (cut short, not JSON, not an object, keys missing): such a stage did not finish."""
+    path = Path(stage_dir) / MANIFEST
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # cut short, garbage, or nested too deeply to parse
+        return None, "is cut short or is not JSON"
+    if not isinstance(data, dict):
+        return None, f"holds a JSON {type(data).__name__}, not a manifest"
+    keys = {**MANIFEST_KEYS, **STAGE_KEYS.get(data.get("stage"), {})}  # type: ignore[arg-type]
+    bad = [k for k, kind in keys.items() if not isinstance(data.get(k), kind) or isinstance(data.get(k), bool)]
+    if bad:
+        return None, f"lacks {', '.join(bad)} (or holds the wrong type)"
+    return data, None
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
-    """The manifest of a finished stage, or ``None`` when the stage never finished."""
-    path = stage_dir / MANIFEST
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    """The manifest of a finished stage, or ``None`` when the stage never finished (no manifest, or one that is
+    not whole: a half-written or garbage manifest counts as not finished; :func:`require_stage` says which)."""
+    return _load_manifest(stage_dir)[0]
+
+
+def manifest_problem(stage_dir: Path) -> str | None:
+    """Why ``stage_dir``'s manifest does not count (e.g. ``"is cut short or is not JSON"``), or ``None`` when it is
+    whole or absent."""
+    return _load_manifest(stage_dir)[1]
 
 
 def _input_key(input_dir: Path) -> str:
@@ -512,12 +641,16 @@ def begin_stage(stage_dir: Path, lock: bool = True) -> None:
 
     With ``lock``, the stage's write lock is taken first when this process does not hold it yet (a second writer is
     refused); it is then held until :func:`write_manifest` finishes the stage (or the process ends). ``lock=False``
-    is for a process whose parent holds the lock (a spawned training rank).
+    is for a process whose parent holds the lock (a spawned training rank). A workspace that cannot be written
+    (read-only, disk full) is one sentence, before anything is changed.
     """
     if lock:
         _take(stage_dir, f"The stage folder {stage_dir}", block=False)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    _mkdir(stage_dir)
+    try:
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+    except OSError as exc:
+        raise (write_error(exc, stage_dir / MANIFEST) or exc) from None
 
 
 def write_manifest(
@@ -528,7 +661,8 @@ def write_manifest(
     rows: dict[str, int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Finish a stage: write its manifest (last, after every table)."""
+    """Finish a stage: write its manifest (last, after every table), with the size and digest of each file it
+    holds (:func:`output_files`), so a file swapped afterwards is noticed (:func:`require_stage`)."""
     manifest = {
         "stage": stage,
         "format": ARTIFACT_FORMAT,
@@ -541,29 +675,52 @@ def write_manifest(
     }
     if extra:
         manifest.update(extra)
+    manifest["files"] = output_files(stage_dir)
     write_json(manifest, stage_dir / MANIFEST)
     _release_begun(stage_dir)
     return manifest
 
 
+def reseal(stage_dir: Path) -> dict[str, Any]:
+    """Record the files of a finished stage anew, after a deliberate edit by hand (a test, a repair): the stage's
+    files are trusted as they are now. Its manifest changes, so the stages made from it are out of date."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise CMMAError(f"No finished stage in {stage_dir} to reseal.")
+    manifest["files"] = output_files(stage_dir)
+    write_json(manifest, Path(stage_dir) / MANIFEST)
+    return manifest
+
+
 def is_up_to_date(stage_dir: Path, config: dict[str, Any], inputs: Iterable[Path] = ()) -> bool:
-    """True when ``stage_dir`` finished with this config, from inputs that have not changed since."""
+    """True when ``stage_dir`` finished with this config, from inputs that have not changed since, and neither its
+    files nor its inputs' files were replaced after they were written."""
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest.get("format") != ARTIFACT_FORMAT:
         return False
     if manifest.get("config_hash") != config_hash(config):
         return False
+    if changed_file(stage_dir, manifest) is not None:
+        return False
     recorded = manifest.get("inputs", {})
     for p in inputs:
-        if read_manifest(p) is None or recorded.get(_input_key(p)) != manifest_hash(p):
+        theirs = read_manifest(p)
+        if theirs is None or recorded.get(_input_key(p)) != manifest_hash(p) or changed_file(p, theirs) is not None:
             return False
     return True
 
 
 def require_stage(stage_dir: Path, stage: str) -> dict[str, Any]:
-    """The manifest of an input stage, or one sentence saying which command makes it."""
+    """The manifest of an input stage, or one sentence saying which command makes it: when it never finished, when
+    its manifest is not whole (naming the file), when it is of an older layout, or when one of its files was
+    replaced after it finished (naming the file)."""
     command = STAGE_COMMANDS.get(stage, f"cmma {stage}")
-    manifest = read_manifest(stage_dir)
+    if Path(stage_dir).parent.name == RUN_FOLDERS.get(stage):  # a run's stage: name the run
+        command += f" --run {Path(stage_dir).name}"
+    manifest, problem = _load_manifest(stage_dir)
+    if problem is not None:
+        raise CMMAError(f"The manifest {stage_dir / MANIFEST} {problem}, so `{stage}` did not finish there: run "
+                        f"`{command} --force` to rebuild it.")
     if manifest is None:
         raise CMMAError(f"No finished `{stage}` output in {stage_dir}: run `{command}` first.")
     if manifest.get("format") != ARTIFACT_FORMAT:
@@ -571,4 +728,9 @@ def require_stage(stage_dir: Path, stage: str) -> dict[str, Any]:
             f"{stage_dir} was written by cmma {manifest.get('version', '?')} in an older layout: "
             f"run `{command} --force` to rebuild it."
         )
+    changed = changed_file(stage_dir, manifest)
+    if changed is not None:
+        path, what = changed
+        raise CMMAError(f"{path} changed after `{stage}` finished ({what}: replaced or edited since, e.g. copied from "
+                        f"another workspace), so it cannot be trusted: run `{command} --force` to rebuild it.")
     return manifest

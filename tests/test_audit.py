@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def test_embed_suggests_a_query_the_run_can_answer(capsys):
     assert 'cmma retrieve "a text query"' in " ".join(capsys.readouterr().err.split())
 
 
-def test_result_tables_never_cut_ids_or_pair_names():
+def test_result_tables_never_cut_ids_or_pair_names(monkeypatch):
     from rich.console import Console
 
     from cmma_cli.evaluate.report import print_summary
@@ -141,14 +142,14 @@ def test_result_tables_never_cut_ids_or_pair_names():
                            **{f"recall@{k}": 0.5 for k in (1, 5, 10)}, **{f"chance_recall@{k}": 0.1 for k in (1, 5, 10)}}
              for a, b in (("structure", "text"), ("structure", "xrd"))}
     metrics = {"run": {"ks": [1, 5, 10]}, "retrieval": {"pairs": pairs}}
-    width, file = console.width, console.file
-    try:
-        console.width, console.record = 60, True
-        console.file = open("/dev/null", "w")
+    # the shared console, narrowed and recorded for this test only: monkeypatch puts back its own (unset) file and
+    # width, so later commands print to whatever stderr is current again
+    with open(os.devnull, "w") as devnull:
+        monkeypatch.setattr(console, "_file", devnull)
+        monkeypatch.setattr(console, "_width", 60)
+        monkeypatch.setattr(console, "record", True)
         print_summary(metrics, "report.md")
         text = console.export_text()
-    finally:
-        console.width, console.record, console.file = width, False, file
     assert "structure->text" in text and "structure->xrd" in text
 
 

@@ -255,7 +255,7 @@ def test_partial_fine_tuning_trains_only_the_top_layers():
 
 def test_an_unloadable_text_model_is_one_sentence(tmp_path):
     cfg = TrainConfig(text_model=str(tmp_path / "no-such-model"))
-    with pytest.raises(CMMAError, match="Could not load the text model .* pass --text-model a local folder"):
+    with pytest.raises(CMMAError, match="The text model .* pass --text-model a local folder"):
         get_modality("text").spec(cfg.text, None, Context({}))
 
 

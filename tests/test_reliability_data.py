@@ -22,7 +22,7 @@ from pymatgen.core import Lattice, Structure
 
 from cmma_cli.config import EvaluateConfig, PreprocessConfig
 from cmma_cli.errors import CMMAError
-from cmma_cli.workspace import Workspace, read_manifest
+from cmma_cli.workspace import Workspace, read_manifest, reseal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -351,6 +351,7 @@ def test_an_empty_test_split_is_one_sentence(embedded_sample, tmp_path):
     splits = pd.read_parquet(ws.processed / "splits.parquet")
     splits["split"] = splits["split"].replace({"test": "train"})
     splits.to_parquet(ws.processed / "splits.parquet")
+    reseal(ws.processed)  # a deliberate edit (a swapped stage file is refused otherwise)
     with pytest.raises(CMMAError, match=r"The test split in .* is empty \(0 of \d+ materials\).*--test-fraction"):
         from cmma_cli.evaluate.pipeline import run_evaluate
 
@@ -364,10 +365,12 @@ def test_garbage_or_foreign_parquet_is_one_sentence_naming_the_file(embedded_sam
     ws = embedded_sample.copy(tmp_path / "ws")
     unified = ws.embeddings_dir("sample") / "unified.parquet"
     unified.write_bytes(b"PAR1 not really")
+    reseal(ws.embeddings_dir("sample"))  # as from a cmma that recorded no file digests: the reader's own sentence
     with pytest.raises(CMMAError, match=r"unified.parquet is not a readable Parquet file .*cmma embed --run sample --force"):
         run_evaluate(ws, EvaluateConfig(run="sample", sections=["retrieval"]))
     with pytest.raises(CMMAError, match=r"unified.parquet .*cmma embed --run sample --force"):
         Retriever(ws, "sample").query(Query(material="x"), target="unified")
     pd.DataFrame({"foo": [1, 2]}).to_parquet(ws.processed / "splits.parquet")
+    reseal(ws.processed)
     with pytest.raises(CMMAError, match=r"splits.parquet lacks the columns material_id, split, group .*cmma preprocess --force"):
         run_evaluate(ws, EvaluateConfig(run="sample", sections=["retrieval"]))

@@ -34,6 +34,7 @@ from cmma_cli.workspace import (
     Workspace,
     config_hash,
     lock_path,
+    output_files,
     read_manifest,
     stage_lock,
     write_json,
@@ -114,6 +115,7 @@ def resplit(ws: Workspace, seed: int) -> None:
     manifest["config"]["seed"] = seed
     manifest["config_hash"] = config_hash(manifest["config"])
     manifest["created"] = "2099-01-01T00:00:00.000+00:00"
+    manifest["files"] = output_files(ws.processed)  # what a rebuild records: the new split file's size and digest
     write_json(manifest, ws.processed / MANIFEST)
 
 
@@ -293,7 +295,7 @@ def test_last_and_best_are_replaced_whole_even_when_the_copy_is_cut(tmp_path, mo
     import cmma_cli.train.runlog as runlog
 
     files = RunFiles(tmp_path / "runs" / "r")
-    log = SimpleNamespace(files=files)
+    log = SimpleNamespace(files=files, cfg=SimpleNamespace(keep_checkpoints=0))
     runlog.RunLog.checkpoint(log, 1, {"spec": {}, "epoch": 1}, best=True)
     good = digest(files.last), digest(files.best)
 

@@ -96,7 +96,7 @@ def test_health_search_and_material_pages(server, embedded_sample, a_material):
     status, by_id = call(f"{server}/search?" + urllib.parse.urlencode({"q": a_material, "k": 2}))
     assert by_id["results"][0]["material_id"] == a_material
     status, page = call(f"{server}/materials/{urllib.parse.quote(a_material, safe='')}?k=3")
-    assert status == 200 and page["material_id"] == a_material and page["structure"]["nsites"] >= 1
+    assert status == 200 and page["material_id"] == a_material and page["cell"]["nsites"] >= 1
     assert "structure" in page["neighbours"] and len(page["neighbours"]["structure"]) == 3
     status, points = call(f"{server}/map")
     assert status == 200 and points["method"] == "pca" and len(points["points"]) == health["materials"]

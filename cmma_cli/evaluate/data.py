@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from cmma_cli.embeddings import UNIFIED
 from cmma_cli.errors import CMMAError
 from cmma_cli.properties import non_property, numeric_properties
-from cmma_cli.workspace import Workspace, read_table, require_stage
+from cmma_cli.workspace import Workspace, manifest_problem, read_table, require_stage
 
 #: The embedding table of the synthesis recipes (one row per recipe link), made by a modality's encoder.
 SYNTHESIS = "synthesis"
@@ -64,6 +64,8 @@ def resolve_run(ws: Workspace, run: str | None) -> str:
             raise CMMAError(f"There are no embeddings in {ws.root / EMBEDDINGS} to evaluate: run `cmma embed` first.")
         return runs[-1]
     if run not in runs:
+        if manifest_problem(ws.embeddings_dir(run)):  # there, but its manifest is broken: the sentence names it
+            require_stage(ws.embeddings_dir(run), "embed")
         known = ", ".join(runs) or "none yet"
         raise CMMAError(f"Run {run!r} has no embeddings in {ws.root / EMBEDDINGS} (embedded runs: {known}): "
                         f"run `cmma embed --run {run}` first.")

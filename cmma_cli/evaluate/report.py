@@ -32,9 +32,9 @@ def section_note(section: dict[str, Any], name: str) -> list[str]:
     if not section.get("carried"):
         return []
     if section.get("stale"):
-        return [f"**Stale:** kept from an earlier `cmma evaluate`, computed before the processed data or the embeddings "
+        return ["**Stale:** kept from an earlier `cmma evaluate`, computed before the processed data or the embeddings "
                 f"changed; rerun `cmma evaluate --sections {name}` to refresh it.", ""]
-    return [f"*Kept from an earlier `cmma evaluate` (not recomputed by this one; its inputs are unchanged).*", ""]
+    return ["*Kept from an earlier `cmma evaluate` (not recomputed by this one; its inputs are unchanged).*", ""]
 
 
 def pm(value: Any, spread: Any, digits: int = 3) -> str:

@@ -19,7 +19,12 @@ import pyarrow.parquet as pq
 
 from cmma_cli.console import console
 from cmma_cli.errors import CMMAError
+from cmma_cli.modalities.xrd import XRDModality
+from cmma_cli.sources.schema import STRUCTURE_COLUMN
 from cmma_cli.workspace import Workspace, read_manifest
+
+#: The processed column of computed patterns (the xrd modality's).
+PATTERNS = XRDModality.columns[0]
 
 @dataclass
 class Candidates:
@@ -60,8 +65,8 @@ class Candidates:
         if not wanted or self.workspace is None:
             return
         path = self.workspace.raw / "materials.parquet"
-        table = pq.read_table(path, columns=["material_id", "structure"], filters=[("material_id", "in", list(wanted))])
-        for mid, text in zip(table.column("material_id").to_pylist(), table.column("structure").to_pylist()):
+        table = pq.read_table(path, columns=["material_id", STRUCTURE_COLUMN], filters=[("material_id", "in", list(wanted))])
+        for mid, text in zip(table.column("material_id").to_pylist(), table.column(STRUCTURE_COLUMN).to_pylist()):
             if mid in wanted:
                 self.structure_text[wanted[mid]] = text
 
@@ -101,16 +106,16 @@ def workspace_candidates(ws: Workspace) -> Candidates | None:
     if manifest is None or not path.is_file():
         return None
     names = pq.ParquetFile(path).schema_arrow.names
-    if "xrd" not in names or "xrd_grid" not in manifest:
+    if PATTERNS not in names or "xrd_grid" not in manifest:
         return None
     from cmma_cli.modalities.columns import csr
     from cmma_cli.modalities.xrd.patterns import XRDGrid
 
-    cols = [c for c in ("material_id", "formula", "elements", "spacegroup_symbol", "xrd") if c in names]
+    cols = [c for c in ("material_id", "formula", "elements", "spacegroup_symbol", PATTERNS) if c in names]
     table = pq.read_table(path, columns=cols)
     grid_facts = {k: v for k, v in manifest["xrd_grid"].items() if k != "size"}
     grid = XRDGrid(**grid_facts)
-    values, offsets, valid = csr(table.column("xrd"), np.float32)
+    values, offsets, valid = csr(table.column(PATTERNS), np.float32)
     patterns = np.zeros((table.num_rows, grid.size), dtype=np.float32)
     patterns[valid] = values.reshape(-1, grid.size)
     ids = [str(m) for m in table.column("material_id").to_pylist()]

@@ -19,7 +19,11 @@ import pyarrow as pa
 
 from cmma_cli.errors import CMMAError
 from cmma_cli.identify.candidates import Candidates
+from cmma_cli.modalities.xrd import XRDModality
 from cmma_cli.workspace import Workspace
+
+#: The modality whose encoder reads the pattern, and whose embedding table the learned recall searches by default.
+XRD = XRDModality.name
 
 def cosine_scores(candidates: Candidates, query: np.ndarray) -> np.ndarray:
     """Cosine similarity of ``query`` (on the candidates' grid, unit norm) with every candidate's pattern."""
@@ -30,12 +34,12 @@ class LearnedRecall:
     """A trained run's XRD encoder and one of its embedding tables (``xrd`` or ``structure``), aligned to the
     candidates' rows."""
 
-    def __init__(self, ws: Workspace, run: str | None, candidates: Candidates, table: str = "xrd"):
+    def __init__(self, ws: Workspace, run: str | None, candidates: Candidates, table: str = XRD):
         from cmma_cli.retrieve import Retriever
 
         self.retriever = Retriever(ws, run)
         self.run, self.table = self.retriever.run, table
-        if "xrd" not in self.retriever.modalities or table not in self.retriever.tables:
+        if XRD not in self.retriever.modalities or table not in self.retriever.tables:
             raise CMMAError(f"Run {self.run!r} has no XRD encoder or no {table} embeddings: identify with --recall "
                             "cosine, or train and embed a run with the xrd modality.")
         ids, vectors = self.retriever.vectors(table)
@@ -44,14 +48,14 @@ class LearnedRecall:
         self.present = position >= 0
         self.vectors[self.present] = vectors[position[self.present]]
         self.encoder = self.retriever.encoder()
-        self.encoder.require("xrd", self.run)
+        self.encoder.require(XRD, self.run)
 
     def embed(self, query: np.ndarray) -> np.ndarray:
         """The pattern (on the run's grid) in the shared space."""
         table = pa.table({"material_id": pa.array(["query"]),
-                          "xrd": pa.array([query.astype(np.float32)], pa.list_(pa.float32())),
+                          XRD: pa.array([query.astype(np.float32)], pa.list_(pa.float32())),
                           "xrd_source": pa.array(["measured"])})
-        _, vectors = self.encoder.embed_table("xrd", table)
+        _, vectors = self.encoder.embed_table(XRD, table)
         return vectors[0]
 
     def scores(self, query: np.ndarray) -> np.ndarray:

@@ -38,6 +38,8 @@ def read_recipe_file(path: Path) -> list[dict[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None
+        except RecursionError:  # [[[[...]]]] thousands deep: no recipe, and no traceback
+            raise ValueError("it is nested too deeply to be a recipe file") from None
         if isinstance(data, list):
             return data
         if isinstance(data, dict):
@@ -52,6 +54,8 @@ def read_recipe_file(path: Path) -> list[dict[str, Any]]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"line {n} is not JSON ({exc.msg})") from None
+            except RecursionError:
+                raise ValueError(f"line {n} is nested too deeply to be a recipe") from None
     return records
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmma_cli.modalities.xrd.readers import PatternRejected  # noqa: F401 (re-exported: where it is caught)
 from cmma_cli.modalities.xrd.simulate import stick_pattern
 
 if TYPE_CHECKING:
@@ -32,12 +33,6 @@ FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: Unscaled stick intensities below this are numerically extinct reflections (pymatgen only drops
 #: sticks relative to the strongest one in range, so a range holding nothing else keeps them).
 EXTINCT = 1e-8
-#: A measured file needs at least this many numeric rows to be a pattern.
-MIN_MEASURED_POINTS = 10
-
-
-class PatternRejected(ValueError):
-    """A pattern that cannot be used; the message is the reason written to rejects."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@
   when given, else the first is taken). A CIF with atom sites and no powder loop is a structure, not a
   pattern (:func:`is_pattern_cif`).
 
-Anything else raises :class:`~cmma_cli.modalities.xrd.patterns.PatternRejected` with one sentence.
+Anything else raises :class:`PatternRejected` with one sentence.
 
 :func:`estimate_background` is SNIP (statistics-sensitive non-linear iterative peak clipping; Ryan et al.,
 Nucl. Instrum. Methods B 34, 396 (1988); Morhac & Matousek, Appl. Spectrosc. 62, 91 (2008)) on the
@@ -53,7 +53,6 @@ from pathlib import Path
 import numpy as np
 
 from cmma_cli.modalities.user_files import suffix
-from cmma_cli.modalities.xrd.patterns import MIN_MEASURED_POINTS, PatternRejected
 from cmma_cli.modalities.xrd.simulate import wavelength_angstrom
 
 __all__ = [
@@ -79,6 +78,14 @@ BACKGROUND_WIDTH = 1.0
 BACKGROUND_SMOOTH = 0.05
 #: Wavelengths (angstrom) a text header may state: X-ray tubes and synchrotron energies in practice.
 _WAVELENGTH_RANGE = (0.1, 3.0)
+
+
+#: A measured file needs at least this many numeric rows to be a pattern.
+MIN_MEASURED_POINTS = 10
+
+
+class PatternRejected(ValueError):
+    """A pattern that cannot be used; the message is the reason written to rejects."""
 
 
 class _Refused(Exception):

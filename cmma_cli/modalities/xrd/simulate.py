@@ -50,24 +50,76 @@ and intensities and is not done.
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymatgen.analysis.diffraction.core import AbstractDiffractionPatternCalculator
-from pymatgen.analysis.diffraction.xrd import ATOMIC_SCATTERING_PARAMS, WAVELENGTHS
 
-#: Peaks whose 2-theta (degrees) round to the same multiple of this are one peak (pymatgen's value).
-TWO_THETA_TOL = AbstractDiffractionPatternCalculator.TWO_THETA_TOL
-#: Peaks at or below this percentage of the strongest are dropped (pymatgen's value).
-SCALED_INTENSITY_TOL = AbstractDiffractionPatternCalculator.SCALED_INTENSITY_TOL
+# pymatgen's values, read on first use (module attributes of the same names, see ``__getattr__``):
+#: ``TWO_THETA_TOL``: peaks whose 2-theta (degrees) round to the same multiple of this are one peak;
+#: ``SCALED_INTENSITY_TOL``: peaks at or below this percentage of the strongest are dropped;
+#: ``WAVELENGTHS``: the X-ray sources by name (angstrom); ``ATOMIC_SCATTERING_PARAMS``: per element, four (a, b).
+PYMATGEN_CONSTANTS = ("TWO_THETA_TOL", "SCALED_INTENSITY_TOL", "WAVELENGTHS", "ATOMIC_SCATTERING_PARAMS")
 #: Reflections whose |g| agree to this relative tolerance share one d-spacing (symmetry equivalents).
 D_MERGE_RTOL = 1e-12
 #: Reflections with |F|^2 below this fraction of the strongest are extinct (systematic absences, rounding noise
 #: ~1e-30): left out of :func:`reflections`. Even a 1e5 Lorentz-polarisation ratio keeps them far below
 #: SCALED_INTENSITY_TOL, so patterns do not change.
 EXTINCT_RTOL = 1e-14
+
+
+
+@functools.cache
+def pymatgen_constants() -> dict[str, Any]:
+    """pymatgen's diffraction constants (:data:`PYMATGEN_CONSTANTS`), read from the files of
+    ``pymatgen.analysis.diffraction`` without importing it: its ``core`` imports matplotlib.pyplot and scipy.stats
+    (1-3 s), which reading a measured pattern has no use for. The same values as the imported ones (the literals of
+    ``xrd.WAVELENGTHS`` and ``core.AbstractDiffractionPatternCalculator``, the JSON file ``xrd`` loads); imported
+    when the files cannot be read so."""
+    try:
+        return _read_pymatgen_constants()
+    except Exception:  # another pymatgen layout: import it
+        from pymatgen.analysis.diffraction.core import AbstractDiffractionPatternCalculator as calculator
+        from pymatgen.analysis.diffraction.xrd import ATOMIC_SCATTERING_PARAMS, WAVELENGTHS
+
+        return {"TWO_THETA_TOL": calculator.TWO_THETA_TOL, "SCALED_INTENSITY_TOL": calculator.SCALED_INTENSITY_TOL,
+                "WAVELENGTHS": WAVELENGTHS, "ATOMIC_SCATTERING_PARAMS": ATOMIC_SCATTERING_PARAMS}
+
+
+def _read_pymatgen_constants() -> dict[str, Any]:
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("pymatgen.analysis.diffraction")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+
+    def literals(path: Path, names: tuple[str, ...], class_name: str | None = None) -> dict[str, Any]:
+        """The literal values assigned to ``names`` at the top of the file (or of its class ``class_name``)."""
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        if class_name is not None:
+            body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == class_name).body
+        return {t.id: ast.literal_eval(n.value) for n in body if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Name) and t.id in names}
+
+    out = {**literals(folder / "core.py", ("TWO_THETA_TOL", "SCALED_INTENSITY_TOL"),
+                      "AbstractDiffractionPatternCalculator"),
+           **literals(folder / "xrd.py", ("WAVELENGTHS",)),
+           "ATOMIC_SCATTERING_PARAMS": json.loads((folder / "atomic_scattering_params.json").read_bytes())}
+    if not (isinstance(out["WAVELENGTHS"], dict) and isinstance(out["ATOMIC_SCATTERING_PARAMS"], dict)
+            and all(isinstance(out[k], float) for k in ("TWO_THETA_TOL", "SCALED_INTENSITY_TOL"))):
+        raise ValueError("unexpected pymatgen constants")
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    if name in PYMATGEN_CONSTANTS:
+        return pymatgen_constants()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Per element with scattering parameters: its row in the tables below (filled on first use).
 _ROW: dict[str, int] = {}
@@ -79,20 +131,22 @@ def _tables() -> tuple[dict[str, int], dict[str, np.ndarray]]:
     if not _ROW:
         from pymatgen.core import Element
 
-        symbols = sorted(ATOMIC_SCATTERING_PARAMS)
+        params = pymatgen_constants()["ATOMIC_SCATTERING_PARAMS"]
+        symbols = sorted(params)
         _TABLES["z"] = np.array([Element(sym).Z for sym in symbols], dtype=float)
         _TABLES["mass"] = np.array([float(Element(sym).atomic_mass) for sym in symbols])
-        _TABLES["coeff"] = np.array([ATOMIC_SCATTERING_PARAMS[sym] for sym in symbols], dtype=float)
+        _TABLES["coeff"] = np.array([params[sym] for sym in symbols], dtype=float)
         _ROW.update({sym: i for i, sym in enumerate(symbols)})
     return _ROW, _TABLES
 
 
 def wavelength_angstrom(value: Any) -> float:
     """A wavelength in angstrom from a pymatgen name (``"CuKa"``, ``"MoKa1"``, ...) or a number (string) in angstrom."""
+    wavelengths = pymatgen_constants()["WAVELENGTHS"]
     if isinstance(value, str):
         name = value.strip()
-        if name in WAVELENGTHS:
-            return float(WAVELENGTHS[name])
+        if name in wavelengths:
+            return float(wavelengths[name])
         try:
             number = float(name)
         except ValueError:
@@ -104,7 +158,7 @@ def wavelength_angstrom(value: Any) -> float:
     if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(
             f"The X-ray wavelength {value!r} is not known: give a positive number in angstrom or one of "
-            f"{', '.join(sorted(WAVELENGTHS))}."
+            f"{', '.join(sorted(wavelengths))}."
         )
     return number
 
@@ -277,10 +331,10 @@ def two_theta_pattern(
     cos2t, sint, cost = np.cos(2 * theta), np.sin(theta), np.cos(theta)
     y = intensity * (1 + cos2t**2) / (sint**2 * cost)
     two_theta = np.degrees(2 * theta)
-    keys = np.round(two_theta / TWO_THETA_TOL).astype(np.int64)  # non-decreasing, as g ascends
+    keys = np.round(two_theta / pymatgen_constants()["TWO_THETA_TOL"]).astype(np.int64)  # non-decreasing, as g ascends
     starts = _run_starts(np.diff(keys) != 0)
     x, y = two_theta[starts], np.add.reduceat(y, starts)
-    strong = y / y.max() * 100 > SCALED_INTENSITY_TOL
+    strong = y / y.max() * 100 > pymatgen_constants()["SCALED_INTENSITY_TOL"]
     return x[strong], y[strong]
 
 

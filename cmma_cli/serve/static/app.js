@@ -103,7 +103,7 @@ async function showMaterial(id) {
     if (value === null || value === undefined) continue;
     props.append(el("tr", {}, el("th", {}, key), el("td", {}, fmt(value))));
   }
-  const s = m.structure;
+  const s = m.cell;
   if (s) {
     $("material-structure").append(
       el("p", {}, `a = ${s.a} Å, b = ${s.b} Å, c = ${s.c} Å; α = ${s.alpha}°, β = ${s.beta}°, γ = ${s.gamma}°; ` +
