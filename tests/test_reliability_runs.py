@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -406,7 +407,7 @@ def test_a_rank_dies_with_its_parent_even_when_it_does_not_act_on_sigint():
     child = ("import signal, sys, time\n"
              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
              "import torch.multiprocessing as tm; tm._prctl_pr_set_pdeathsig(signal.SIGINT)  # what torch's spawn arms\n"
-             "from cmma_cli.train.launch import die_with_parent\n"
+             "from cmma_cli.processes import die_with_parent\n"
              "die_with_parent(int(sys.argv[1])); print('armed', flush=True); time.sleep(600)\n")
     parent = ("import os, subprocess, sys, time\n"
               "c = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())], stdout=subprocess.PIPE, text=True)\n"
@@ -423,4 +424,38 @@ def test_a_rank_dies_with_its_parent_even_when_it_does_not_act_on_sigint():
         assert not _alive([rank]), "the child outlived its parent"
     finally:
         for pid in _alive([rank]):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("pool", ["fetch", "preprocess"])
+def test_worker_processes_die_with_a_killed_command(pool):
+    """Two fetch workers outlived a killed `cmma fetch` by 50 minutes: the pools of fetch (structure readers) and
+    preprocess (featurizers, under forkserver) now end with the command."""
+    parent = ("import os, sys, time, multiprocessing\n"
+              "from concurrent.futures import ProcessPoolExecutor\n"
+              "from cmma_cli.processes import die_with_starter\n"
+              "def pid(_): return os.getpid()\n"
+              "if __name__ == '__main__':\n"
+              "    if sys.argv[1] == 'fetch':\n"
+              "        pool = ProcessPoolExecutor(max_workers=2, initializer=die_with_starter)\n"
+              "    else:\n"
+              "        ctx = multiprocessing.get_context('forkserver')\n"
+              "        ctx.set_forkserver_preload(['cmma_cli.forkserver_guard'])  # as preprocess/stream.py does\n"
+              "        pool = ProcessPoolExecutor(max_workers=2, mp_context=ctx, initializer=die_with_starter)\n"
+              "    pids = set(pool.map(pid, range(50)))\n"
+              "    print(' '.join(map(str, pids)), flush=True); time.sleep(600)\n")
+    script = Path(tempfile.mkdtemp()) / "parent.py"
+    script.write_text(parent)
+    proc = subprocess.Popen([sys.executable, str(script), pool], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        assert workers and _alive(workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.time() + 20
+        while _alive(workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(workers), "a worker outlived the killed command"
+    finally:
+        for pid in _alive(workers):
             os.kill(pid, signal.SIGKILL)

@@ -127,7 +127,11 @@ _MODALITIES: list[Modality] = []
 
 
 def init_worker(cfg: Any, modalities: list[Modality]) -> None:
-    """Process initializer: keep the config and the modalities for every chunk this worker gets."""
+    """Process initializer: keep the config and the modalities for every chunk this worker gets; end with the
+    command that started the pool (a killed ``cmma preprocess`` leaves no featurizer behind)."""
+    from cmma_cli.processes import die_with_starter
+
+    die_with_starter()
     global _CFG, _MODALITIES
     _CFG, _MODALITIES = cfg, modalities
     warnings.filterwarnings("ignore")  # pymatgen's structure warnings would flood the terminal

@@ -136,7 +136,7 @@ def worker_pool(workers: int, cfg: Any, modalities: list[Modality]):
         return
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["cmma_cli.preprocess.featurize"])
+        context.set_forkserver_preload(["cmma_cli.forkserver_guard", "cmma_cli.preprocess.featurize"])
     else:
         context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=init_worker, initargs=(cfg, modalities)) as pool:

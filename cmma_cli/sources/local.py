@@ -26,6 +26,7 @@ import pandas as pd
 
 from cmma_cli.console import progress
 from cmma_cli.errors import CMMAError
+from cmma_cli.processes import die_with_starter
 from cmma_cli.sources.recipes import link_recipes, read_recipe_file, recipe_table
 from cmma_cli.sources.schema import MATERIAL_COLUMNS, PROPERTY_ALIASES, RawData, conform_descriptions, conform_materials
 from cmma_cli.sources.structures import material_record, parse_cif
@@ -148,7 +149,7 @@ def load_local(paths: list[str], workers: int | None = None) -> RawData:
     seen: set[str] = set()
     descriptions = []
     workers = workers or os.cpu_count() or 1
-    with progress() as bar, ProcessPoolExecutor(max_workers=workers) as pool:
+    with progress() as bar, ProcessPoolExecutor(max_workers=workers, initializer=die_with_starter) as pool:
         task = bar.add_task("Reading structures", total=len(items))
         for (mid, _, source, props), (row, reason) in zip(items, pool.map(_build_row, items, chunksize=32)):
             bar.advance(task)

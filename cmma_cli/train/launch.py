@@ -7,13 +7,9 @@ spawned processes, or in each torchrun rank.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import signal
 import socket
-import sys
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -29,6 +25,7 @@ from cmma_cli.loss import parse_pairs
 from cmma_cli.modalities import check_modalities, get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.model import model_spec, read_checkpoint, spec_mismatch
+from cmma_cli.processes import die_with_parent
 from cmma_cli.train.data import data_identity, read_splits
 from cmma_cli.train.loop import DIST_TIMEOUT, Plan, train_rank
 from cmma_cli.train.runlog import import_wandb
@@ -259,34 +256,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int) -> None:
-    """End this process when ``parent`` (the process that started it) dies, however it dies.
-
-    On Linux the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls the parent's
-    pid. Either way a parent already gone by now ends this process at once. Spawned training ranks call it, so a
-    killed ``cmma train`` never leaves ranks training on (and writing the run) behind it.
-    """
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-    if os.getppid() != parent:
-        os._exit(1)
-    if not armed:
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="cmma-parent-watch", daemon=True).start()
 
 
 def _spawned(rank: int, plan: Plan) -> None:
