@@ -651,6 +651,26 @@ def begin_stage(stage_dir: Path, lock: bool = True) -> None:
         (stage_dir / MANIFEST).unlink(missing_ok=True)
     except OSError as exc:
         raise (write_error(exc, stage_dir / MANIFEST) or exc) from None
+    clear_orphans(stage_dir)
+
+
+def clear_orphans(folder: Path) -> list[Path]:
+    """Delete the temporary files (:func:`atomic`'s ``.<name>.tmp-<pid>``) that a killed writer left in ``folder``
+    and its subfolders: those whose process is gone. Returns what was deleted."""
+    gone = []
+    for path in Path(folder).rglob(".*.tmp-*"):
+        try:
+            pid = int(path.name.rsplit(".tmp-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid) or not path.is_file():
+            continue
+        try:
+            path.unlink()
+            gone.append(path)
+        except OSError:
+            pass
+    return gone
 
 
 def write_manifest(

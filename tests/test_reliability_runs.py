@@ -459,3 +459,22 @@ def test_worker_processes_die_with_a_killed_command(pool):
     finally:
         for pid in _alive(workers):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_writers_temporary_files_are_cleared_when_the_stage_starts_again(tmp_path):
+    """A SIGKILLed writer cannot delete its own half-written temporary file: the next writer of the stage does."""
+    from cmma_cli.workspace import begin_stage, write_manifest
+
+    stage = tmp_path / "processed"
+    stage.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = stage / f".materials.parquet.tmp-{int(dead.stdout)}"
+    orphan.write_bytes(b"half a table")
+    nested = stage / "sub" / f".x.json.tmp-{int(dead.stdout)}"
+    nested.parent.mkdir()
+    nested.write_text("{")
+    mine = stage / f".other.parquet.tmp-{os.getpid()}"  # a live writer's file is not touched
+    mine.write_bytes(b"being written")
+    begin_stage(stage)
+    write_manifest(stage, "preprocess", {})
+    assert not orphan.exists() and not nested.exists() and mine.exists()
