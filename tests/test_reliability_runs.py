@@ -262,8 +262,8 @@ def test_a_bad_embed_checkpoint_or_a_failure_keeps_the_working_embeddings(embedd
     ws = embedded_sample.copy(tmp_path / "ws")
     run = embedded_sample.run
     out = ws.embeddings_dir(run)
-    (out / "inputs" / "mine").mkdir(parents=True)
-    (out / "inputs" / "mine" / "keep.txt").write_text("user embeddings")
+    (out / "inputs" / "kept-by-the-user").mkdir(parents=True, exist_ok=True)
+    (out / "inputs" / "kept-by-the-user" / "keep.txt").write_text("user embeddings")
     before = {p.name: digest(p) for p in out.iterdir() if p.is_file()}
 
     junk = ws.run_dir(run) / "checkpoints" / "junk.pt"
@@ -284,7 +284,7 @@ def test_a_bad_embed_checkpoint_or_a_failure_keeps_the_working_embeddings(embedd
 
     manifest = embed.run_embed(ws, EmbedConfig(run=run, checkpoint="last"), force=True)
     assert manifest["checkpoint"]["name"] == "last" and read_manifest(out) == manifest
-    assert (out / "inputs" / "mine" / "keep.txt").read_text() == "user embeddings"
+    assert (out / "inputs" / "kept-by-the-user" / "keep.txt").read_text() == "user embeddings"
     assert not list(out.parent.glob(f".{run}.new-*"))
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(before)
 
@@ -296,7 +296,7 @@ def test_last_and_best_are_replaced_whole_even_when_the_copy_is_cut(tmp_path, mo
     import cmma_cli.train.runlog as runlog
 
     files = RunFiles(tmp_path / "runs" / "r")
-    log = SimpleNamespace(files=files, cfg=SimpleNamespace(keep_checkpoints=0))
+    log = SimpleNamespace(files=files, prune=lambda epoch: [])  # RunLog.checkpoint's only other need
     runlog.RunLog.checkpoint(log, 1, {"spec": {}, "epoch": 1}, best=True)
     good = digest(files.last), digest(files.best)
 

@@ -95,7 +95,7 @@ def test_embeddings_material_pages_and_the_map(session, material):
     table = session.embeddings("structure")
     assert {"material_id", "embedding"} <= set(table.columns) and len(table["embedding"].iloc[0]) == session.retriever.encoder().dim
     page = session.material(mid, k=3)
-    assert page["properties"]["formula"] and page["structure"]["nsites"] == len(page["structure"]["sites"])
+    assert page["properties"]["formula"] and page["cell"]["nsites"] == len(page["cell"]["sites"])
     assert set(page["neighbours"]) == set(page["tables"]) and all(len(v) == 3 for v in page["neighbours"].values())
     assert all(h["material_id"] != mid for hits in page["neighbours"].values() for h in hits)
     points = session.map()
