@@ -150,10 +150,10 @@ def speed(ws: Workspace, pattern: Path, n: int = 10_000) -> dict:
     c = ident.candidates
     reps = -(-n // len(c))
     take = np.tile(np.arange(len(c)), reps)[:n]
-    big = Candidates([f"{c.ids[i]}#{k}" for k, i in enumerate(take)], [c.formulas[i] for i in take],
-                     [c.elements[i] for i in take], [c.spacegroups[i] for i in take], [c.sources[i] for i in take],
-                     c.patterns[take], c.grid, structure_text={}, workspace=ws)
-    big.ids = [c.ids[i] for i in take]  # the same materials, so the learned recall and the structures resolve
+    # the same materials repeated (same ids), so the learned recall and the structures resolve
+    big = Candidates([c.ids[i] for i in take], [c.formulas[i] for i in take], [c.elements[i] for i in take],
+                     [c.spacegroups[i] for i in take], [c.sources[i] for i in take], c.patterns[take], c.grid,
+                     structure_text={}, workspace=ws)
     ident.candidates = big
     ident.allowed = np.ones(n, dtype=bool)
     ident.always = []

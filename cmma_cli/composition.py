@@ -16,7 +16,9 @@ values of the variables (``amounts_vars``; the first value listed); without valu
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 import re
 import warnings
 from functools import lru_cache
@@ -196,28 +198,34 @@ def composition_vectors(fractions: np.ndarray, embeddings: ElementEmbeddings | N
 
 # --- recipe records (Materials Project / text-mined layout) ---------------------------------------------------
 
-_EXPR = re.compile(r"^[0-9a-zA-Z_.+\-*/() ]+$")
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def _evaluate(expr: Any, values: Mapping[str, float]) -> float | None:
-    """An amount such as ``"5.5-x"`` or ``"1.5*z+26"`` with the variables' values, or None."""
+    """An amount such as ``"5.5-x"`` or ``"1.5*z+26"`` with the variables' values, or None. Only numbers, the
+    given variables, + - * / and parentheses are read (the syntax tree is walked, nothing is evaluated as code)."""
     if isinstance(expr, (int, float)):
         return float(expr)
-    text = str(expr).strip()
-    if not text or not _EXPR.match(text):
-        return None
     try:
-        return float(text)
-    except ValueError:
-        pass
-    names = set(re.findall(r"[A-Za-z_]\w*", text))
-    if not names.issubset(values):
+        tree = ast.parse(str(expr).strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):
         return None
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id in values:
+            return float(values[node.id])
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -walk(node.operand) if isinstance(node.op, ast.USub) else walk(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](walk(node.left), walk(node.right))
+        raise ValueError("not an amount")
+
     try:
-        value = eval(compile(text, "<amount>", "eval"), {"__builtins__": {}}, dict(values))  # noqa: S307 - checked above
-    except Exception:
+        return walk(tree)
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def material_fractions(material: Mapping[str, Any] | None) -> dict[str, float] | None:

@@ -180,3 +180,15 @@ def test_cli_recipes_file_and_score(cli, tmp_path, records):
     result = cli("recommend", "--score", tmp_path / "mine.json", "--target", "LiCoO2", "--recipes", path, "--json",
                  "-w", tmp_path)
     assert result.exit_code == 0 and json.loads(result.output)["rank"] == 1
+
+
+def test_recipe_amounts_are_arithmetic_on_their_variables_and_nothing_else():
+    """Amounts come from the user's recipe file: they are read as + - * / over numbers and the recipe's own
+    variables, never run as code (attribute access or calls give no amount)."""
+    from cmma_cli.composition import _evaluate
+
+    assert _evaluate("5.5-x", {"x": 0.5}) == 5.0 and _evaluate("1.5*z+26", {"z": 2}) == 29.0
+    assert _evaluate("-(x+1)/2", {"x": 1}) == -1.0 and _evaluate(3, {}) == 3.0
+    assert _evaluate("y", {"x": 1}) is None and _evaluate("x/0", {"x": 1}) is None
+    assert _evaluate("x.real", {"x": 1.0, "real": 2.0}) is None
+    assert _evaluate("x()", {"x": 1.0}) is None

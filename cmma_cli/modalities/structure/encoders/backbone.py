@@ -33,6 +33,7 @@ user's own subclass of :class:`BackboneEncoder`.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import hashlib
 import io
 import json
@@ -179,7 +180,7 @@ def read_structures(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return z, offsets, present & full, lattice, frac.reshape(-1, 3)
 
 
-class BackboneEncoder(nn.Module):
+class BackboneEncoder(nn.Module, ABC):
     """A pretrained universal potential as the structure encoder; subclass it for a package (or for other weights).
 
     Class attributes: ``package`` (its import name), ``pip_name`` (what ``pip install`` takes), ``label`` (its name
@@ -195,24 +196,24 @@ class BackboneEncoder(nn.Module):
     # ------------------------------------------------------------------------------------ the adapter
 
     @classmethod
+    @abstractmethod
     def load_model(cls, checkpoint: str | None) -> nn.Module:
         """The package's model (on the CPU): its packaged ``weights``, or those of ``checkpoint`` (a file)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def graph(cls, model: nn.Module, structure) -> Any:
         """One structure's graph, built by the package (on the CPU); raise to refuse the structure."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def run(cls, model: nn.Module, graphs: list[Any]) -> BackboneOutput:
         """Run the model on a batch of graphs (on the model's device), without forces."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def blocks(cls, model: nn.Module) -> list[list[nn.Module]]:
         """The interaction blocks, input side first (``top:K`` trains the last K)."""
-        raise NotImplementedError
 
     @classmethod
     def supports(cls, model: nn.Module | None, numbers: np.ndarray) -> bool:
