@@ -33,6 +33,15 @@ def _timm():
             "The image modality needs timm, which is not installed: `pip install 'cmma[images]'` "
             "(or train without images, e.g. --modalities structure,text,xrd)."
         ) from None
+    except Exception as exc:  # timm is there, but its torchvision was built for another torch
+        import torch
+
+        raise CMMAError(
+            f"timm is installed but does not import beside torch {torch.__version__} ({type(exc).__name__}: "
+            f"{str(exc).strip()[:120]}): torchvision must be the build made for this torch (torch 2.N goes with "
+            "torchvision 0.(N+15), both from the same index). Install such a pair, then `pip install 'cmma[images]'`; "
+            "`make images` builds a venv with one (constraints-images.txt)."
+        ) from None
     return timm
 
 
