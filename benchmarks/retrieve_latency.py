@@ -7,7 +7,9 @@ For each query kind (a material id, a CIF, a measured pattern, a typed text), si
 
 - **cold CLI**: wall time of a whole ``cmma retrieve ... --json`` process (Python start, imports, loading the
   index and the models, encoding, search), median of ``--repeats`` runs, and whether that process imported the
-  text stack (``sentence_transformers``) or torch (checked with ``python -X importtime``);
+  text stack (``sentence_transformers``) or torch (checked with ``python -X importtime``). A frozen text model is
+  run from its traced copy in the workspace cache (``cache/text/traced/``, written by ``cmma embed`` or by the
+  first text query that lacks it): the table says whether the copy was there before the first text query ran;
 - **warm API**: ``cmma_cli.load(...).search(...)`` after one query of each kind (median, ms);
 - **HTTP**: ``GET /search`` / ``POST /search`` (file upload) against ``cmma serve --threads 1`` started here on a
   free loopback port (median round trip, ms).
@@ -53,6 +55,22 @@ def queries(ws: Path, run: str, tmp: Path) -> dict[str, tuple[list[str], object]
     structure.to(filename=str(cif))
     return {"material": (["--material", material], material), "structure": (["--structure", str(cif)], cif),
             "pattern": (["--pattern", str(PATTERN)], PATTERN), "text": ([TEXT], TEXT)}
+
+
+def traced_state(ws: Path, run: str) -> str:
+    """Whether the run's frozen text model has its traced copy in the workspace cache (``ok``), or why not."""
+    from cmma_cli.modalities.text import fast
+    from cmma_cli.workspace import Workspace
+
+    manifest = json.loads((ws / "embeddings" / run / "manifest.json").read_text())
+    if "text" not in manifest.get("modalities", []):
+        return "no text modality"
+    from cmma_cli.model import read_checkpoint
+
+    spec = read_checkpoint(Workspace(ws).locate(manifest["checkpoint"]["path"]))["spec"]["encoders"]["text"]
+    if spec.get("tune", "frozen") != "frozen":
+        return f"none (text tune {spec['tune']})"
+    return fast.load(ws / "cache", spec["model"], spec["max_length"])[1]
 
 
 def cold_cli(ws: Path, run: str, args: list[str], repeats: int, threads: int) -> dict:
@@ -154,6 +172,8 @@ def main() -> None:
 
     from cmma_cli.console import console
 
+    load_before = os.getloadavg()[0]
+    traced = traced_state(ws, args.run)
     with tempfile.TemporaryDirectory() as tmp:
         cases = queries(ws, args.run, Path(tmp))
         cold = {kind: cold_cli(ws, args.run, cli_args, args.repeats, args.threads) for kind, (cli_args, _) in cases.items()}
@@ -170,10 +190,13 @@ def main() -> None:
                       f"{served[kind]['median_ms']:.1f}")
     console.print(table)
     console.print(f"warm API load (every index and model): {api_load:.1f} s; `cmma serve` ready after {ready:.1f} s")
+    console.print(f"traced text model before the first text query: {traced}; load average {load_before:.1f} at the "
+                  "start")
     if args.out:
         shown = ws.relative_to(ROOT).as_posix() if ws.is_relative_to(ROOT) else ws.name  # no absolute paths
         args.out.write_text(json.dumps({"workspace": shown, "run": args.run, "python": platform.python_version(),
                                         "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
+                                        "load_average_start": load_before, "traced_text_model": traced,
                                         "threads": args.threads, "cold_cli": cold, "warm_api_ms": warm,
                                         "http_ms": served, "api_load_s": api_load, "serve_ready_s": ready},
                                        indent=2) + "\n")

@@ -62,7 +62,9 @@ class Encoder:
     """The model of one checkpoint, on one device, with the processed manifest its inputs must match.
 
     ``cache_dir`` is the workspace cache: with a frozen text model, text vectors come from (and go to)
-    the cache that training filled, so ``cmma embed`` recomputes nothing.
+    the cache that training filled, so ``cmma embed`` recomputes nothing. ``model_cache`` (default: ``cache_dir``) is
+    the workspace cache for query-time copies of frozen models (a traced sentence model,
+    :mod:`~cmma_cli.modalities.text.fast`), used even where embeddings are not cached (a query).
 
     ``modalities`` (default: every modality of the run) are the encoders built and loaded now; the others are
     built on first use (:meth:`need`), so one query loads only its own encoder (a pattern query never builds the
@@ -71,7 +73,7 @@ class Encoder:
 
     def __init__(self, checkpoint: Path, processed_manifest: dict[str, Any], cache_dir: Path | None = None,
                  device: str = "auto", batch_size: int = 256, workers: int | None = None, show_progress: bool = True,
-                 modalities: list[str] | None = None):
+                 modalities: list[str] | None = None, model_cache: Path | None = None):
         if batch_size < 1:
             raise CMMAError(f"--batch-size must be at least 1, not {batch_size}.")
         self.device = pick_device(device)
@@ -82,6 +84,8 @@ class Encoder:
         self.processed_manifest = processed_manifest
         self.preprocess = preprocess_config(processed_manifest)
         self.ctx = Context(processed_manifest, cache_dir=cache_dir, show_progress=show_progress)
+        self.model_cache = Path(model_cache) if model_cache is not None else cache_dir
+        self.ctx.model_cache = self.model_cache  # read by the text modality's prepare (cached_embeddings)
         self.batch_size = batch_size
         self.workers = workers if workers is not None else (4 if self.device.type == "cuda" else 0)
         self.show_progress = show_progress

@@ -62,6 +62,12 @@ def targets() -> tuple[str, ...]:
     return tables()
 
 
+def _either(names) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def query_options() -> dict[str, str]:
     """``{query kind: modality}``: each registered modality's query option (the positional one first)."""
     from cmma_cli.modalities import REGISTRY
@@ -452,8 +458,9 @@ class Retriever:
                     import torch
 
                     torch.set_num_threads(self.threads)
+                # no embeddings cache (a query's vector is not kept), but the traced frozen text model (fast path)
                 self._encoder = Encoder(path, processed, cache_dir=None, device=self.device, show_progress=False,
-                                        modalities=modalities)
+                                        modalities=modalities, model_cache=self.ws.cache)
         wanted = self._encoder.modalities if modalities is None else list(modalities)
         if any(m not in self._encoder.model.encoders for m in wanted):
             with self._timed():
@@ -496,7 +503,7 @@ class Retriever:
         default = first if first in self.tables else UNIFIED
         source = source or (allowed[0] if kind != MATERIAL else default)
         if source not in allowed:
-            raise CMMAError(f"A {kind} query is encoded as {' or '.join(allowed)}, not {source}: drop --from or "
+            raise CMMAError(f"A {kind} query is encoded as {_either(allowed)}, not {source}: drop --from or "
                             f"pass the query that goes with it ({', '.join(_examples(flags=True))}).")
         if kind != MATERIAL and source not in self.modalities:
             raise CMMAError(f"Run {self.run!r} was not trained with the {source} modality (it has "

