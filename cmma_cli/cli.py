@@ -285,8 +285,9 @@ def _with_queries(fn: Callable) -> Callable:
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     arguments = [inspect.Parameter(m.query_option, kind, default=None, annotation=Annotated[Optional[str], typer.Argument(
         metavar="QUERY", help=m.query_help, show_default=False)]) for m in takers if m.query_positional][:1]
-    options = [inspect.Parameter(m.query_option, kind, default=None, annotation=Annotated[Optional[Path], typer.Option(
-        f"--{m.query_option}", help=m.query_help, show_default=False)]) for m in takers if not m.query_positional]
+    options = [inspect.Parameter(m.query_option, kind, default=None, annotation=Annotated[
+        Optional[Path] if m.query_is_file else Optional[str], typer.Option(
+            f"--{m.query_option}", help=m.query_help, show_default=False)]) for m in takers if not m.query_positional]
     at = next((i for i, p in enumerate(own) if p.name == "material"), len(own))
     params = arguments + own[:at] + options + own[at:]
     names = [p.name for p in arguments + options]

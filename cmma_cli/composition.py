@@ -107,9 +107,16 @@ def key_of(fractions: Mapping[str, float]) -> str:
     from pymatgen.core import Composition as PmgComposition
 
     smallest = min(fractions.values())
+    ratios = {el: f / smallest for el, f in fractions.items()}
+    for scale in range(1, 13):  # Fe2(SO4)3: 1 : 1.5 : 6 -> 2 : 3 : 12, written with whole numbers where it can be
+        if all(abs(r * scale - round(r * scale)) < 1e-3 * max(1.0, r * scale) for r in ratios.values()):
+            ratios = {el: round(r * scale) for el, r in ratios.items()}
+            break
+    else:
+        ratios = {el: round(r, 3) for el, r in ratios.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PmgComposition({el: round(f / smallest, 3) for el, f in fractions.items()}).reduced_formula
+        return PmgComposition(ratios).reduced_formula
 
 
 def fraction_vector(fractions: Mapping[str, float]) -> np.ndarray:

@@ -315,6 +315,7 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: _default_modalities())  # modalities to align (default: the registered ones marked default)
     pairs: str = "all"  # modality pairs in the loss: all | anchor:<modality> | a-b,c-d
     in_modality_negatives: bool = False  # also contrast against other samples of the anchor's own modality
+    recipes: bool = True  # also train on every synthesis recipe kept as a row of its own (processed/recipes.parquet: its text and target composition, no structure), in batches of recipes only
     objective: str = field(default="contrastive", metadata={"choices": ("contrastive", "predict", "contrastive+predict")})  # contrastive | predict (properties only, no alignment) | contrastive+predict
     predict_properties: list[str] = field(default_factory=list)  # properties the predict objective regresses (empty: every numeric one of processed/)
     predict_weight: float = 1.0  # weight of the property loss beside the contrastive one, for contrastive+predict

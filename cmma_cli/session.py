@@ -106,21 +106,28 @@ class Session:
 
     # ----------------------------------------------------------------------------------------- encode
 
-    def encode(self, structures: Any = None, texts: Any = None, patterns: Any = None,
-               source: str | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    def encode(self, structures: Any = None, texts: Any = None, patterns: Any = None, compositions: Any = None,
+               source: str | None = None, **others: Any) -> np.ndarray | dict[str, np.ndarray]:
         """Embeddings of new inputs in the run's shared space, one L2-normalised row per input, in order.
 
         ``structures``: pymatgen ``Structure``s, CIF paths (``str`` or ``Path``) or CIF text; ``texts``: strings;
         ``patterns``: pattern files (any format ``cmma retrieve --pattern`` reads), ``(n, 2)`` arrays of 2-theta
         and intensity (read like a file: background removed, put on the run's grid), or 1-D arrays already on
-        the run's 2-theta grid. One item or a list of them. ``source``: the encoder they go through (a
-        structure may go through ``xrd``, as its computed pattern); default each kind's own. With one keyword
-        the answer is an ``(n, d)`` array; with several, ``{keyword: array}``.
+        the run's 2-theta grid; ``compositions`` (also ``formulas``): formulas (``"LiFePO4"``), pymatgen
+        ``Composition``s or ``{element: amount}`` dicts, for a run trained with the composition modality. Any other
+        modality's query option works the same way (``images=...``). One item or a list of them. ``source``: the
+        encoder they go through (a structure may go through ``xrd``, as its computed pattern); default each
+        kind's own. With one keyword the answer is an ``(n, d)`` array; with several, ``{keyword: array}``.
         """
-        given = {k: v for k, v in (("structures", structures), ("texts", texts), ("patterns", patterns))
-                 if v is not None}
+        if compositions is not None:
+            others.setdefault("formulas", compositions)
+        unknown = sorted(set(others) - set(ENCODE_KINDS))
+        if unknown:
+            raise CMMAError(f"encode() takes {', '.join(sorted({*ENCODE_KINDS, 'compositions'}))}=, not {unknown[0]}=.")
+        given = {k: v for k, v in (("structures", structures), ("texts", texts), ("patterns", patterns),
+                                   *others.items()) if v is not None}
         if not given:
-            raise CMMAError("Nothing to encode: pass structures=..., texts=... or patterns=....")
+            raise CMMAError("Nothing to encode: pass structures=..., texts=..., patterns=... or compositions=....")
         out = {k: self._encode_kind(k, _as_list(k, v), source) for k, v in given.items()}
         return next(iter(out.values())) if len(out) == 1 else out
 
@@ -180,8 +187,12 @@ class Session:
                 raise CMMAError(f"Could not read the CIF text ({exc}): pass a valid CIF.") from None
         elif keyword == "patterns" and isinstance(item, np.ndarray):
             got = self._pattern_array(reader, settings, item, rid)
-        elif keyword == "texts":
+        elif keyword == "texts" or (isinstance(item, str) and not reader.query_is_file):
             got = reader.read_query(str(item), settings)
+        elif not reader.query_is_file and isinstance(item, dict):  # {element: amount}
+            got = reader.read_query("".join(f"{el}{amount}" for el, amount in item.items()), settings)
+        elif not reader.query_is_file and hasattr(item, "formula"):  # a pymatgen Composition
+            got = reader.read_query(str(item.formula).replace(" ", ""), settings)
         elif isinstance(item, (str, Path)):
             got = reader.read_query(Path(item).expanduser(), settings)
         else:

@@ -341,7 +341,7 @@ def test_a_structure_query_from_an_encoder_it_cannot_use_is_one_sentence(sample_
     cif = tmp_path / "q.cif"
     cif.write_text(NACL_CIF)
     result = cli("retrieve", "-w", sample_copy.root, "--structure", cif, "--from", "text")
-    assert result.exit_code == 2 and "encoded as structure or xrd, not text" in result.output
+    assert result.exit_code == 2 and "encoded as structure, xrd or composition, not text" in result.output
     result = cli("retrieve", "-w", sample_copy.root, "--structure", cif, "--from", "xrd", "-k", "2")
     assert result.exit_code == 0, result.output
 

@@ -100,7 +100,9 @@ class EvalData:
     checkpoint: Path | None = None  # the checkpoint that made the embeddings (None: the manifest names none)
 
     def split_ids(self, split: str) -> np.ndarray:
-        """The material ids of one split (train | val | test)."""
+        """The material ids of one split (train | val | test), or of every split (``all``)."""
+        if split == "all":
+            return self.materials["material_id"].to_numpy()
         return self.materials.loc[self.materials["split"] == split, "material_id"].to_numpy()
 
     @property

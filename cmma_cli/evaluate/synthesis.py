@@ -34,10 +34,48 @@ def leaky_tables() -> set[str]:
     return {*recipe_modalities(), UNIFIED}
 
 
+def recipe_pairs(data: EvalData, ids: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """The recipes linked to materials ``ids``, and two (recipes, materials) masks: ``true`` (the recipe's own links)
+    and ``hard`` (mismatched pairs whose material shares an element with the recipe's target); None without links."""
+    links = data.synthesis
+    in_split = links["material_id"].isin(set(ids)).to_numpy()
+    if not in_split.any():
+        return None
+    recipes = list(dict.fromkeys(links.loc[in_split, "recipe_id"]))
+    col = {m: j for j, m in enumerate(ids)}
+    row = {r: i for i, r in enumerate(recipes)}
+    true = np.zeros((len(recipes), len(ids)), dtype=bool)
+    for r, m in zip(links["recipe_id"], links["material_id"]):
+        if m in col and r in row:
+            true[row[r], col[m]] = True
+    elements = data.materials.set_index("material_id").loc[list(ids), "elements"].map(lambda e: set() if e is None else {str(x) for x in e})
+    elements = elements.to_numpy()
+    target_elements = [set().union(*(elements[j] for j in np.flatnonzero(true[i]))) for i in range(len(recipes))]
+    shares = np.array([[bool(target_elements[i] & elements[j]) for j in range(len(ids))] for i in range(len(recipes))])
+    return recipes, true, shares & ~true
+
+
+def match_scores(sim: np.ndarray, true: np.ndarray, hard: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
+    """ROC AUCs of the true pairs of ``sim`` (recipes, materials) against every mismatched pair and against ``hard``
+    ones, recipe -> material recall@k beside chance, and the mean similarities."""
+    random_neg = ~true
+    out: dict[str, Any] = {"recipes": int(sim.shape[0]), "materials": int(sim.shape[1]), "true_pairs": int(true.sum()),
+                           "random_negatives": int(random_neg.sum()), "hard_negatives": int(hard.sum())}
+    out["auc_random"] = _auc(sim, true, random_neg)
+    out["auc_hard"] = _auc(sim, true, hard)
+    ranks = M.first_relevant_ranks(sim, true)
+    for k in ks:
+        out[f"recipe_to_material_recall@{k}"] = M.recall_at_k(ranks, k)
+        out[f"chance_recall@{k}"] = float(np.mean([M.chance_recall_at_k(sim.shape[1], int(r), k) for r in true.sum(1)]))
+    out["true_similarity_mean"] = float(sim[true].mean())
+    out["negative_similarity_mean"] = float(sim[random_neg].mean()) if random_neg.any() else float("nan")
+    return out
+
+
 def synthesis_match(data: EvalData, modality: str, split: str = "test", ks: tuple[int, ...] = (1, 5)) -> dict[str, Any] | None:
     """AUCs of true (recipe, material) pairs against random and hard negatives, with ``modality`` as the material side.
 
-    None when ``split`` has no recipe linked to a material with that modality.
+    ``split``: train | val | test, or ``all``. None when ``split`` has no recipe linked to a material with that modality.
     """
     if data.synthesis is None or modality in leaky_tables() or modality not in data.tables:
         return None
@@ -46,37 +84,14 @@ def synthesis_match(data: EvalData, modality: str, split: str = "test", ks: tupl
     ids = np.array([m for m in data.split_ids(split) if m in have], dtype=object)
     if len(ids) < 2:
         return None
-    links = data.synthesis
-    in_split = links["material_id"].isin(set(ids)).to_numpy()
-    if not in_split.any():
+    pairs = recipe_pairs(data, ids)
+    if pairs is None:
         return None
-    recipes = list(dict.fromkeys(links.loc[in_split, "recipe_id"]))
-    first_row = {r: i for i, r in reversed(list(enumerate(links["recipe_id"])))}
+    recipes, true, hard = pairs
+    first_row = {r: i for i, r in reversed(list(enumerate(data.synthesis["recipe_id"])))}
     R = data.synthesis_vectors[[first_row[r] for r in recipes]]
     X = emb.vectors[emb.rows_of(ids)]
-    sim = R @ X.T  # (recipes, materials)
-    col = {m: j for j, m in enumerate(ids)}
-    true = np.zeros_like(sim, dtype=bool)
-    for r, m in zip(links["recipe_id"], links["material_id"]):
-        if m in col and r in recipes:
-            true[recipes.index(r), col[m]] = True
-    elements = data.materials.set_index("material_id").loc[list(ids), "elements"].map(lambda e: set() if e is None else {str(x) for x in e})
-    elements = elements.to_numpy()
-    target_elements = [set().union(*(elements[j] for j in np.flatnonzero(true[i]))) for i in range(len(recipes))]
-    shares = np.array([[bool(target_elements[i] & elements[j]) for j in range(len(ids))] for i in range(len(recipes))])
-    hard = shares & ~true
-    random_neg = ~true
-    out: dict[str, Any] = {"recipes": len(recipes), "materials": len(ids), "true_pairs": int(true.sum()),
-                           "random_negatives": int(random_neg.sum()), "hard_negatives": int(hard.sum())}
-    out["auc_random"] = _auc(sim, true, random_neg)
-    out["auc_hard"] = _auc(sim, true, hard)
-    ranks = M.first_relevant_ranks(sim, true)
-    for k in ks:
-        out[f"recipe_to_material_recall@{k}"] = M.recall_at_k(ranks, k)
-        out[f"chance_recall@{k}"] = float(np.mean([M.chance_recall_at_k(len(ids), int(r), k) for r in true.sum(1)]))
-    out["true_similarity_mean"] = float(sim[true].mean())
-    out["negative_similarity_mean"] = float(sim[random_neg].mean()) if random_neg.any() else float("nan")
-    return out
+    return match_scores(R @ X.T, true, hard, ks)
 
 
 def _auc(sim: np.ndarray, true: np.ndarray, negatives: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """The modalities a model can align, by name.
 
-Each one lives in its own module or package (``structure/``, ``text/``, ``xrd/``, ``image/``) as a
+Each one lives in its own module or package (``structure/``, ``text/``, ``xrd/``, ``composition/``, ``image/``) as a
 :class:`~cmma_cli.modalities.base.Modality`: its processed columns and how preprocess computes them, its
 settings, its encoder, how a user's file becomes a query, and its attributions. Every other module asks
 this registry; adding a modality is one new module plus one line in :data:`REGISTRY`.
@@ -16,6 +16,7 @@ import warnings
 
 from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.base import Modality
+from cmma_cli.modalities.composition import CompositionModality
 from cmma_cli.modalities.image import ImageModality
 from cmma_cli.modalities.structure import StructureModality
 from cmma_cli.modalities.text import TextModality
@@ -27,6 +28,7 @@ REGISTRY: dict[str, Modality] = {m.name: m for m in (
     StructureModality(),
     TextModality(),
     XRDModality(),
+    CompositionModality(),
     ImageModality(),
 )}
 

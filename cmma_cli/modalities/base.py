@@ -15,6 +15,9 @@ help text is the field's trailing comment. Code reads them nested: ``cfg.xrd.cha
 3. :meth:`Modality.featurize` -- per material, in worker processes: the modality's processed columns from
    the parsed structure (or None) and what ``gather`` found for that material. ``fields`` lists the columns
    with their Arrow types; :meth:`Modality.tally` adds the modality's counts to the manifest.
+4. :meth:`Modality.gather_recipes` -- what it finds in each synthesis recipe, which becomes a row of its own
+   without a structure (``processed/recipes.parquet``; :mod:`cmma_cli.preprocess.recipes`): the recipe's text,
+   its target's composition. ``featurize`` then runs on those rows as on materials.
 
 **train** (the model):
 
@@ -66,6 +69,7 @@ from cmma_cli.errors import CMMAError
 from cmma_cli.modalities.columns import column_array
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
     import torch
     from pymatgen.core import Structure
 
@@ -231,6 +235,12 @@ class Modality(ABC):
         """This modality's processed columns of one material (``{column: value or None}``)."""
         return {}
 
+    def gather_recipes(self, cfg: Any, recipes: "pd.DataFrame") -> dict[str, Any]:
+        """``{recipe_id: value}`` that :meth:`featurize` needs for a recipe row (a synthesis recipe kept as its own
+        row, with no structure: ``processed/recipes.parquet``), read from ``raw/recipes.parquet``'s rows
+        ``recipes`` (:data:`~cmma_cli.sources.recipes.RECIPE_COLUMNS`, ``record`` parsed to a dict); none by default."""
+        return {}
+
     def counts(self) -> dict[str, str]:
         """What the preprocess summary and manifest count: ``{label: column that is non-null}``."""
         return {self.name: self.columns[0]} if self.columns else {}
@@ -293,6 +303,8 @@ class Modality(ABC):
     query_option: str | None = None
     #: The query is the command's positional argument (a typed text), not an option.
     query_positional: bool = False
+    #: Its query option takes a file (``--pattern FILE.xy``); False: a typed value (``--formula LiFePO4``).
+    query_is_file: bool = True
     query_help: str = ""  # the help text of its query option (or argument)
     query_example: str = ""  # how the sentences that list the queries show it, e.g. "--structure FILE.cif"
     #: What ``cmma embed --input`` reads as this modality, in words (for its help and error sentences).

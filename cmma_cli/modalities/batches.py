@@ -122,25 +122,42 @@ class EpochBatches(torch.utils.data.Sampler):
     last step, that step is completed with rows drawn (seeded, per epoch) from the earlier steps, never
     from its own: every row is seen each epoch, and no material meets itself as a negative. Call
     :meth:`set_epoch`.
+
+    With ``kinds`` (one small integer per row: materials 0, recipe rows 1), every step holds rows of one kind
+    only: each kind is shuffled and cut (and its last step completed) on its own, then the steps of all kinds are
+    shuffled together. A batch of materials then keeps every negative among materials, however many more
+    recipes there are. A kind with fewer rows than one step is mixed in with the others instead (its rows would
+    otherwise repeat inside a batch).
     """
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 kinds: np.ndarray | None = None):
         super().__init__()
         self.rows, self.batch_size, self.seed, self.rank, self.world = np.asarray(rows), batch_size, seed, rank, world
+        kinds = None if kinds is None else np.asarray(kinds)
+        if kinds is not None and (len(np.unique(kinds)) < 2 or np.unique(kinds, return_counts=True)[1].min()
+                                  < batch_size * world):  # a kind that cannot fill one step rides with the others
+            kinds = None
+        self.kinds = kinds
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return -(-len(self.rows) // (self.batch_size * self.world))  # ceil: the last, partial step is padded
+    def _groups(self) -> list[np.ndarray]:
+        if self.kinds is None:
+            return [self.rows]
+        return [self.rows[self.kinds == k] for k in np.unique(self.kinds)]
 
-    def order(self) -> np.ndarray:
-        """The epoch's order over all ranks: a permutation of ``rows``, padded to whole steps (see the class)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.rows)
+    def __len__(self) -> int:
         step = self.batch_size * self.world
-        short = len(self) * step - len(order)
+        return sum(-(-len(g) // step) for g in self._groups())  # ceil: the last, partial step is padded
+
+    def _cut(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A permutation of ``rows`` padded to whole steps (see the class)."""
+        order = rng.permutation(rows)
+        step = self.batch_size * self.world
+        short = -(-len(order) // step) * step - len(order)
         if short:
             tail = len(order) % step
             pool = len(order) - tail  # the rows of the full steps
@@ -150,6 +167,16 @@ class EpochBatches(torch.utils.data.Sampler):
                 fill = rng.integers(0, len(order), size=short)
             order = np.concatenate([order, order[fill]])
         return order
+
+    def order(self) -> np.ndarray:
+        """The epoch's order over all ranks: a permutation of ``rows``, padded to whole steps (see the class)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        groups = self._groups()
+        if len(groups) == 1:
+            return self._cut(groups[0], rng)
+        step = self.batch_size * self.world
+        steps = [part for g in groups if len(g) for part in self._cut(g, rng).reshape(-1, step)]
+        return np.concatenate([steps[i] for i in rng.permutation(len(steps))])
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
         order = self.order()

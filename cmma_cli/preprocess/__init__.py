@@ -9,6 +9,9 @@
   a user's folder of measured patterns or images). The modules under :mod:`cmma_cli.modalities` document
   their columns.
 
+``<ws>/processed/recipes.parquet``: every synthesis recipe as a row of its own, with no structure (its text and its
+target's composition; :mod:`~cmma_cli.preprocess.recipes`), with its ``split``.
+
 ``<ws>/processed/splits.parquet``: ``material_id``, ``split`` (train | val | test), ``group``
 (:mod:`~cmma_cli.preprocess.splits`). ``<ws>/processed/rejects.parquet``: ``source``, ``item``,
 ``reason`` for every structure, pattern, image or recipe that could not be used.

@@ -105,13 +105,15 @@ def check_size(structure: Any, cfg: Any) -> None:
 
 
 def featurize(material_id: str, structure_json: Any, linked: dict[str, Any], cfg: Any,
-              modalities: list[Modality]) -> Featurized:
-    """Every modality's columns for one material (``linked``: what each modality's gather found for it)."""
+              modalities: list[Modality], has_structure: bool = True) -> Featurized:
+    """Every modality's columns for one material (``linked``: what each modality's gather found for it).
+    ``has_structure=False``: a row that never has one (a recipe row), so its absence is no reject."""
     structure = None
     rejects: list[tuple[str, str, str]] = []
     try:
-        structure = parse_structure(structure_json)
-        check_size(structure, cfg)
+        if has_structure:
+            structure = parse_structure(structure_json)
+            check_size(structure, cfg)
     except StructureUnusable as exc:
         rejects.append((STRUCTURE_COLUMN, material_id, str(exc)))
         structure = None

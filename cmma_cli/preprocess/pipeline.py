@@ -1,4 +1,5 @@
-"""``cmma preprocess``: ``raw/`` -> ``processed/materials.parquet``, ``splits.parquet``, ``rejects.parquet``.
+"""``cmma preprocess``: ``raw/`` -> ``processed/materials.parquet``, ``splits.parquet``, ``rejects.parquet``,
+``recipes.parquet``.
 
 The stage itself: check the options and the input, skip when up to date, let each modality gather what
 it links to the materials (recipe texts, descriptions, user folders) in this process, stream the structures through
@@ -24,6 +25,7 @@ from cmma_cli.errors import CMMAError
 from cmma_cli.modalities import REGISTRY
 from cmma_cli.modalities.base import GatherContext
 from cmma_cli.preprocess.inputs import folder_fingerprint
+from cmma_cli.preprocess.recipes import RECIPES_FILE, recipe_rows
 from cmma_cli.preprocess.splits import SPLITS, assign_splits
 from cmma_cli.preprocess.stream import Tally, clear_non_finite, featurized_chunks, modality_fields, modality_table, raw_chunks, worker_pool
 from cmma_cli.sources.schema import MATERIAL_COLUMNS, REJECT_COLUMNS, STRUCTURE_COLUMN
@@ -35,6 +37,7 @@ from cmma_cli.workspace import (
     read_manifest,
     require_stage,
     write_manifest,
+    write_arrow,
     write_table,
 )
 
@@ -155,6 +158,12 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
     fallback = bool(splits.attrs.get("fallback"))
     write_table(splits, ws.processed / SPLITS_FILE)
     rejects.extend(tally.rejects)
+    with console.status("Keeping every synthesis recipe as a row of its own (text and target composition)..."):
+        recipe_table, recipe_counts = recipe_rows(ws.raw, cfg, modalities, splits, rejects)
+    if recipe_table is not None:
+        write_arrow(recipe_table, ws.processed / RECIPES_FILE)
+    else:
+        (ws.processed / RECIPES_FILE).unlink(missing_ok=True)
     write_table(pd.DataFrame(rejects, columns=REJECT_COLUMNS).astype(str), ws.processed / REJECTS_FILE)
 
     flags = pd.concat(tally.flags, ignore_index=True).merge(splits[["material_id", "split"]], on="material_id")
@@ -172,8 +181,10 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
         STAGE,
         config,
         inputs=[ws.raw],
-        rows={"materials": tally.materials, "splits": len(splits), "rejects": len(rejects)},
+        rows={"materials": tally.materials, "splits": len(splits), "rejects": len(rejects),
+              "recipes": recipe_table.num_rows if recipe_table is not None else 0},
         extra={
+            "recipes": recipe_counts,
             **facts,
             "properties": properties,
             "modalities": counted,
@@ -188,6 +199,12 @@ def run_preprocess(ws: Workspace, cfg: PreprocessConfig, force: bool = False) ->
     )
     _summary(ws, flags, tally, rejects, reject_counts, seconds, len(ids),
              (cfg.split_by, int(splits["group"].nunique())) if fallback else None)
+    if recipe_counts.get("rows"):
+        c = recipe_counts
+        console.print(f"{c['rows']:,} of {c['recipes']:,} synthesis recipes kept as rows of their own in "
+                      f"{RECIPES_FILE} ({c['train_recipes']:,} train / {c['val_recipes']:,} val / {c['test_recipes']:,} "
+                      f"test; {c['no_target_composition']:,} targets without a fixed composition have text only).",
+                      highlight=False)
     if non_finite:
         detail = ", ".join(f"{n} in {name}" for name, n in non_finite.items())
         console.print(esc(f"Infinite property values were stored as missing: {detail}."), highlight=False)

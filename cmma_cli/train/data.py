@@ -35,6 +35,33 @@ def read_splits(ws: Workspace, modalities: list[str], columns: list[str] | None 
     return out[0], out[1]
 
 
+def with_recipes(ws: Workspace, table: pa.Table, split: str, modalities: list[str]) -> tuple[pa.Table, int]:
+    """``table`` (processed rows of ``split``) followed by the recipe rows of that split
+    (``processed/recipes.parquet``: a recipe's text and target composition, no structure) that have two or more of
+    ``modalities`` (a pair to learn from), with the columns of ``table`` that the recipe rows have (the rest
+    null); and how many recipe rows were added."""
+    from cmma_cli.preprocess.recipes import RECIPES_FILE
+
+    path = ws.processed / RECIPES_FILE
+    if not path.exists():
+        return table, 0
+    available = pq.ParquetFile(path).schema_arrow.names
+    recipes = pq.read_table(path, columns=[c for c in table.column_names if c in available] + ["split"])
+    recipes = recipes.filter(pc.equal(recipes["split"], split)).drop_columns(["split"])
+    have = []
+    for m in modalities:  # a modality is there when any of its columns is
+        cols = [c for c in get_modality(m).columns if c in recipes.column_names]
+        if cols:
+            have.append(np.any([recipes[c].is_valid().to_numpy(zero_copy_only=False) for c in cols], axis=0))
+    if len(have) < 2:
+        return table, 0
+    recipes = recipes.filter(pa.array(np.sum(have, axis=0) >= 2))
+    if recipes.num_rows == 0:
+        return table, 0
+    recipes = recipes.cast(pa.schema([table.schema.field(c) for c in recipes.column_names]))
+    return pa.concat_tables([table, recipes], promote_options="default").select(table.column_names), recipes.num_rows
+
+
 def usable(materials: MaterialSet) -> np.ndarray:
     """Rows that have at least two configured modalities (a sample with one has no pair to learn from)."""
     return np.flatnonzero(materials.modality_counts() >= 2)

@@ -28,7 +28,7 @@ from cmma_cli.modalities import get_modality
 from cmma_cli.modalities.base import Context
 from cmma_cli.modalities.batches import BatchDataset, EpochBatches, MaterialSet, to_device
 from cmma_cli.model import build_model, read_checkpoint
-from cmma_cli.train.data import data_identity, read_splits, usable
+from cmma_cli.train.data import data_identity, read_splits, usable, with_recipes
 from cmma_cli.train.projector import projector_rows, projector_tables
 from cmma_cli.train.runlog import RunLog, describe
 from cmma_cli.train.validation import validate
@@ -309,6 +309,9 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
     # data: rank 0 first (it fills the text cache), then the others
     predict = spec.get("predict")
     train_table, val_table = read_splits(ws, spec["modalities"], properties=predict["properties"] if predict else [])
+    recipe_rows = 0
+    if cfg.recipes and cfg.objective != "predict":  # recipe rows have no properties to predict
+        train_table, recipe_rows = with_recipes(ws, train_table, "train", spec["modalities"])
 
     def prepare() -> dict[str, MaterialSet]:
         return {"train": MaterialSet(train_table, spec["encoders"], ctx, predict),
@@ -338,15 +341,19 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
         console.print(f"[yellow]The val split {why}: no validation metrics; best.pt follows the training loss.[/]",
                       highlight=False)
 
+    # recipe rows (at the end of the train table) form batches of their own: a material's batch keeps all its negatives
+    kinds = (train_rows >= train_table.num_rows - recipe_rows).astype(np.int64) if recipe_rows else None
     trainer, start_epoch, best = _trainer(plan, cfg, spec, sets["train"], train_rows, batch_size, accumulate, rank,
-                                          device, master)
+                                          device, master, kinds)
     step_batch = batch_size * accumulate  # per process and optimizer step
 
+    recipes_used = int(kinds.sum()) if kinds is not None else 0
     log = RunLog(RunFiles(plan.run_dir), cfg, start_epoch) if master else None
     if log is not None:
         log.started(
             f"Training {','.join(spec['modalities'])} ({describe(cfg, trainer.loss_fn, spec)}) on "
-            f"{len(train_rows)} train / {len(val_rows)} val materials: {world} x {device.type}, batch {step_batch}"
+            f"{len(train_rows) - recipes_used} train / {len(val_rows)} val materials"
+            f"{f' + {recipes_used} synthesis recipes' if recipes_used else ''}: {world} x {device.type}, batch {step_batch}"
             f"{f' ({accumulate} x {batch_size})' if accumulate > 1 else ''}{' per process' if world > 1 else ''}, "
             f"{trainer.steps_per_epoch} steps/epoch, epochs {start_epoch}-"
             f"{cfg.epochs}{', bf16' if trainer.bf16 else ''} -> {plan.run_dir}")
@@ -380,7 +387,8 @@ def _train(plan: Plan, ws: Workspace, rank: int, device: torch.device) -> dict[s
                         val_rows if which == "val" else train_rows, batch_size * world, device, ws)
     return log.finish(
         as_dict(cfg), inputs=[ws.processed],
-        rows={"train": int(len(train_rows)), "val": int(len(val_rows)), "epochs": len(log.rows)},
+        rows={"train": int(len(train_rows) - recipes_used), "val": int(len(val_rows)), "recipes": recipes_used,
+              "epochs": len(log.rows)},
         extra={"spec": spec, "best": best, "world_size": world, "device": device.type},
     )
 
@@ -399,8 +407,8 @@ def _feed_projector(log: RunLog, trainer: Trainer, materials: MaterialSet, table
 
 
 def _trainer(plan: Plan, cfg: TrainConfig, spec: dict[str, Any], train_set: MaterialSet, train_rows: np.ndarray,
-             batch_size: int, accumulate: int, rank: int, device: torch.device, master: bool
-             ) -> tuple[Trainer, int, dict[str, Any]]:
+             batch_size: int, accumulate: int, rank: int, device: torch.device, master: bool,
+             kinds: np.ndarray | None = None) -> tuple[Trainer, int, dict[str, Any]]:
     """The model, optimizer, schedule and loader (seeded here: loading a text model on a cache miss must not shift
     the init), restored from the checkpoint when resuming; with the first epoch to train and the best so far."""
     world = plan.world
@@ -409,7 +417,7 @@ def _trainer(plan: Plan, cfg: TrainConfig, spec: dict[str, Any], train_set: Mate
     torch.manual_seed(cfg.seed)
     model = build_model(spec, for_loading=plan.resume is not None).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6)
-    sampler = EpochBatches(train_rows, batch_size * accumulate, cfg.seed, rank, world)  # one step's rows
+    sampler = EpochBatches(train_rows, batch_size * accumulate, cfg.seed, rank, world, kinds)  # one step's rows
     steps_per_epoch = len(sampler)
     total_steps, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
