@@ -78,9 +78,9 @@ def test_elements_start_from_the_shipped_mat2vec_vectors():
         assert int(sims[INDEX[el]].argsort(descending=True)[1]) == INDEX[nearest]
     assert sims[INDEX["Co"], INDEX["Ni"]] > sims[INDEX["Co"], INDEX["Cl"]]
     torch.manual_seed(0)
-    model = COMPOSITION.encoder({**COMPOSITION.spec(CompositionSettings(), None, Context({}))})
+    model = COMPOSITION.encoder(COMPOSITION.spec(CompositionSettings(init="matscholar"), None, Context({})))
     assert torch.allclose(model.elements.weight, table)
-    random = COMPOSITION.encoder(COMPOSITION.spec(CompositionSettings(init="random"), None, Context({})))
+    random = COMPOSITION.encoder(COMPOSITION.spec(CompositionSettings(), None, Context({})))  # the default
     assert random.elements.weight.shape == (103, 128)
 
 

@@ -11,7 +11,8 @@ recipe row from its target (:func:`~cmma_cli.composition.material_fractions`: no
 the recipe gives them; targets it cannot resolve are counted and left out). The encoder
 (:mod:`~cmma_cli.modalities.composition.encoder`) is a set model: self-attention over the elements, no positions,
 pooled by fraction, so the order the elements are written in and the formula's scale never change the vector.
-Its element vectors start from the mat2vec embeddings shipped in ``cmma_cli/data/element_embeddings``.
+Its element vectors start at random, or from the mat2vec embeddings shipped in ``cmma_cli/data/element_embeddings``
+(``composition_init = "matscholar"``), which did not help on the MP-20 hub benchmark.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class CompositionSettings:
     layers: int = 2  # self-attention layers over a composition's elements
     heads: int = 4  # attention heads per layer
     out_dim: int = 256  # width of the composition encoder's output
-    init: str = field(default="matscholar", metadata={"choices": INITS})  # element vectors start from the shipped mat2vec embeddings (matscholar) or at random
+    init: str = field(default="random", metadata={"choices": INITS})  # element vectors start at random, or from the shipped mat2vec embeddings: matscholar (no better on MP-20, benchmarks/hub.py)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The composition encoder: self-attention over a composition's elements, pooled by their fractions.
 
-Each element is a token: its vector (``nn.Embedding`` over H..Lr, started from the shipped mat2vec embeddings or
-at random) plus an embedding of its fraction (the fraction and its logarithm through a small MLP). Two (by
+Each element is a token: its vector (``nn.Embedding`` over H..Lr, started at random or from the shipped mat2vec
+embeddings) plus an embedding of its fraction (the fraction and its logarithm through a small MLP). Two (by
 default) pre-norm transformer layers let the elements see each other (the same Li means something else beside
 Fe and P than beside Co and O); there are no positions, so the order of the elements is irrelevant, and the
 fractions are normalised, so the formula's scale is too. Padding slots are masked and carry zero weight.
