@@ -84,8 +84,10 @@ def test_elements_start_from_the_shipped_mat2vec_vectors():
     assert random.elements.weight.shape == (103, 128)
 
 
-def test_featurize_reads_the_structure_else_the_formula_else_a_recipe_target():
+def test_featurize_reads_the_structure_else_the_formula_else_a_recipe_target(tmp_path):
     from pymatgen.core import Lattice, Structure
+
+    from cmma_cli.preprocess.recipes import raw_recipes
 
     nacl = Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     got = COMPOSITION.featurize(Item("a", nacl, {}), None)
@@ -97,7 +99,9 @@ def test_featurize_reads_the_structure_else_the_formula_else_a_recipe_target():
     assert COMPOSITION.featurize(bad, None) == {} and bad.rejects and bad.rejects[0][0] == "composition"
     target = {"composition": [{"amount": "1", "elements": {"La": "1-x", "Ca": "x", "Mn": "1", "O": "3"}}],
               "amounts_vars": {"x": {"values": [0.25]}}}
-    fractions = COMPOSITION.gather_recipes(None, pd.DataFrame({"recipe_id": ["r"], "record": [{"target": target}]}))
+    pd.DataFrame({"recipe_id": ["r"], "doi": ["x"], "synthesis_type": ["solid-state"], "target_formula": ["LCMO"],
+                  "record": [json.dumps({"target": target})]}).to_parquet(tmp_path / "recipes.parquet")
+    fractions = COMPOSITION.gather_recipes(None, raw_recipes(tmp_path))  # the recipes as preprocess reads them
     assert fractions["r"] == pytest.approx({"Ca": 0.05, "Mn": 0.2, "O": 0.6, "La": 0.15})
 
 

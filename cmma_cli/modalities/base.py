@@ -238,7 +238,8 @@ class Modality(ABC):
     def gather_recipes(self, cfg: Any, recipes: "pd.DataFrame") -> dict[str, Any]:
         """``{recipe_id: value}`` that :meth:`featurize` needs for a recipe row (a synthesis recipe kept as its own
         row, with no structure: ``processed/recipes.parquet``), read from ``raw/recipes.parquet``'s rows
-        ``recipes`` (:data:`~cmma_cli.sources.recipes.RECIPE_COLUMNS`, ``record`` parsed to a dict); none by default."""
+        ``recipes`` (:func:`~cmma_cli.preprocess.recipes.raw_recipes`: ``record`` parsed to a dict, ``target_fractions``
+        the target's nominal composition or None); none by default."""
         return {}
 
     def counts(self) -> dict[str, str]:

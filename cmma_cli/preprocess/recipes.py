@@ -39,7 +39,7 @@ RECIPE_FIELDS = (pa.field("material_id", pa.string()), pa.field("formula", pa.st
 
 def raw_recipes(raw_dir: Path) -> pd.DataFrame | None:
     """Every recipe in ``raw/`` (``recipe_id``, ``doi``, ``synthesis_type``, ``target_formula``, ``record`` as a
-    dict), or None when fetch kept none."""
+    dict, and ``target_fractions``: the target's nominal composition, or None), or None when fetch kept none."""
     from cmma_cli.workspace import read_table
 
     path = raw_dir / "recipes.parquet"
@@ -62,6 +62,7 @@ def raw_recipes(raw_dir: Path) -> pd.DataFrame | None:
         return value if isinstance(value, dict) else None
 
     table["record"] = table["record"].map(parse)
+    table["target_fractions"] = table["record"].map(lambda r: material_fractions(r.get("target")) if r else None)
     return table
 
 
@@ -98,7 +99,7 @@ def recipe_rows(raw_dir: Path, cfg: Any, modalities: list[Modality], material_sp
             counts["unreadable"] += 1
             rejects.append({"source": "recipe", "item": rid, "reason": "unreadable recipe record"})
             continue
-        fractions = material_fractions(record.get("target"))
+        fractions = recipes["target_fractions"].iat[i]
         if fractions is None:
             counts["no_target_composition"] += 1
         if not found:

@@ -17,6 +17,7 @@ Its element vectors start at random, or from the mat2vec embeddings shipped in `
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,23 +90,14 @@ class CompositionModality(Modality):
     def gather_recipes(self, cfg: Any, recipes) -> dict[str, Any]:
         """``{recipe_id: {element: fraction}}``: each recipe target's nominal composition (none when it has
         variables without values, or element placeholders)."""
-        from cmma_cli.composition import material_fractions
-
-        out = {}
-        for rid, record in zip(recipes["recipe_id"], recipes["record"]):
-            fractions = material_fractions((record or {}).get("target")) if isinstance(record, dict) else None
-            if fractions:
-                out[str(rid)] = fractions
-        return out
+        return {str(rid): fr for rid, fr in zip(recipes["recipe_id"], recipes["target_fractions"]) if fr}
 
     def featurize(self, item: Item, cfg: Any) -> dict[str, Any]:
         from cmma_cli.composition import parse_formula
 
         if item.structure is not None:
-            try:
+            with contextlib.suppress(ValueError, KeyError):  # no positive amount: fall back to the formula below
                 return encode_fractions(fractions_of(item.structure))
-            except (ValueError, KeyError):
-                pass
         linked = item.linked.get(self.name)
         if isinstance(linked, dict):
             return encode_fractions(linked)
