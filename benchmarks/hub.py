@@ -11,9 +11,9 @@ seed and epochs, each trained, embedded and scored here:
 - ``hub``: structure, composition, text and XRD aligned to composition only (``--pairs anchor:composition``), with
   every recipe row, element vectors started from the shipped mat2vec embeddings: no recipe text is ever paired
   with a structure in training;
-- ``hub-no-recipes``: the same without recipe rows (what the recipes themselves add);
-- ``hub-random-init``: the hub with element vectors started at random instead of the shipped mat2vec ones (the
-  default since this measurement).
+- ``hub-no-recipes``: the hub (default, random element vectors) without recipe rows (what the recipes add);
+- ``hub-random-init``: the hub with element vectors started at random (the default) instead of the shipped mat2vec
+  ones.
 
 Scores: synthesis match (:func:`cmma_cli.evaluate.synthesis.synthesis_match`), the ROC AUC of each recipe linked to
 a material (its text embedding) against the material's structure embedding, true pairs against every mismatched

@@ -12,7 +12,7 @@ the recipe gives them; targets it cannot resolve are counted and left out). The 
 (:mod:`~cmma_cli.modalities.composition.encoder`) is a set model: self-attention over the elements, no positions,
 pooled by fraction, so the order the elements are written in and the formula's scale never change the vector.
 Its element vectors start at random, or from the mat2vec embeddings shipped in ``cmma_cli/data/element_embeddings``
-(``composition_init = "matscholar"``), which did not help on the MP-20 hub benchmark.
+(``composition_init = "matscholar"``); on the MP-20 hub benchmark neither start was measurably better.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class CompositionSettings:
     layers: int = 2  # self-attention layers over a composition's elements
     heads: int = 4  # attention heads per layer
     out_dim: int = 256  # width of the composition encoder's output
-    init: str = field(default="random", metadata={"choices": INITS})  # element vectors start at random, or from the shipped mat2vec embeddings: matscholar (no better on MP-20, benchmarks/hub.py)
+    init: str = field(default="random", metadata={"choices": INITS})  # element vectors start at random, or from the shipped mat2vec embeddings: matscholar (neither measurably better on MP-20, benchmarks/hub.py)
 
 
 @dataclass
